@@ -1,0 +1,374 @@
+"""The VAR transformer: next-scale prediction with AdaLN blocks (Flax linen).
+
+Letters in names: B batch, L tokens of all scales, l tokens of one scale, C width (embed_dim), D condition
+width (= C), H heads, c head dim, V codebook size, Cv latent channels of the tokenizer (Cvae).
+
+Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``vocab``, ...) that the trainer maps onto
+the device mesh; ``varjax.train.sharding`` holds the rules. Module names mirror the PyTorch state-dict keys
+(``blocks_3/attn/mat_qkv`` for ``blocks.3.attn.mat_qkv``) so that conversion is a renaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from varjax.models.vqvae import PATCH_NUMS_256
+
+Dtype = jnp.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class VARConfig:
+    """Hyper-parameters of the transformer (defaults: the released d16 at 256px)."""
+
+    depth: int = 16
+    embed_dim: int = 1024
+    num_heads: int = 16
+    num_classes: int = 1000
+    vocab_size: int = 4096
+    Cvae: int = 32
+    patch_nums: tuple[int, ...] = PATCH_NUMS_256
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    shared_aln: bool = False
+    attn_l2_norm: bool = True
+    cond_drop_rate: float = 0.1
+    drop_path_rate: float = 0.0
+    # initialisation (the reference's init_weights); init_std < 0 means sqrt(1 / C / 3)
+    init_adaln: float = 0.5
+    init_adaln_gamma: float = 1e-5
+    init_head: float = 0.02
+    init_std: float = -1.0
+
+    @property
+    def L(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+    @property
+    def first_l(self) -> int:
+        return self.patch_nums[0] ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def std(self) -> float:
+        return self.init_std if self.init_std >= 0 else math.sqrt(1 / self.embed_dim / 3)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VARConfig:
+        d = dict(d)
+        if "patch_nums" in d:
+            d["patch_nums"] = tuple(d["patch_nums"])
+        return cls(**d)
+
+    @classmethod
+    def official(cls, depth: int, **kw) -> VARConfig:
+        """The release's recipe: width 64*depth, heads = depth, drop path 0.1*depth/24."""
+        return cls(depth=depth, embed_dim=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24, **kw)
+
+
+def level_ids(patch_nums: Sequence[int]) -> np.ndarray:
+    """(L,) scale index of every token."""
+    return np.concatenate([np.full(pn * pn, i, dtype=np.int32) for i, pn in enumerate(patch_nums)])
+
+
+def block_causal_mask(patch_nums: Sequence[int], length: int | None = None) -> np.ndarray:
+    """(L, L) bool: query i may attend to key j iff scale(j) <= scale(i)."""
+    lvl = level_ids(patch_nums)[:length]
+    return lvl[:, None] >= lvl[None, :]
+
+
+def _trunc_normal(std: float):
+    # torch.nn.init.trunc_normal_ truncates at +-2 absolute (not +-2 std); with std << 1 that is no truncation.
+    return nn.initializers.truncated_normal(stddev=std, lower=-2.0 / max(std, 1e-12), upper=2.0 / max(std, 1e-12))
+
+
+def _scaled(init, factor: float):
+    return lambda key, shape, dtype=jnp.float32: init(key, shape, dtype) * factor
+
+
+def _dense(features, names, std, name, use_bias=True, scale=1.0, dtype=None):
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(_scaled(_trunc_normal(std), scale), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)),
+    )
+
+
+def _layer_norm(eps: float) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=False, use_fast_variance=False)
+
+
+def _constrain(x, names):
+    return nn.with_logical_constraint(x, names)
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth per sample (timm's ``drop_path`` with ``scale_by_keep``)."""
+    if rng is None or rate <= 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    cfg: VARConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLC, mask_LL=None, kv_cache=None):
+        """Returns ``(out_BLC, (k, v))``; with ``kv_cache=(k_prev, v_prev)`` the new keys/values are appended.
+
+        k, v: (B, H, L_total, c). With a cache the queries see all cached keys (the current scale plus every
+        coarser one), which is exactly the block-causal mask restricted to the current scale.
+        """
+        c = self.cfg
+        B, L, C = x_BLC.shape
+        H, hd = c.num_heads, c.head_dim
+        qkv = _dense(3 * C, ("embed", "joined_kv"), c.std, "mat_qkv", use_bias=False, dtype=self.dtype)(x_BLC)
+        q_bias = self.param("q_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("joined_kv",)), (C,))
+        v_bias = self.param("v_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("joined_kv",)), (C,))
+        bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+        qkv = (qkv + bias).reshape(B, L, 3, H, hd)
+        q, k, v = (jnp.transpose(qkv[:, :, i], (0, 2, 1, 3)) for i in range(3))  # BHLc
+        if c.attn_l2_norm:
+            scale_mul = self.param(
+                "scale_mul_1H11",
+                nn.with_logical_partitioning(nn.initializers.constant(math.log(4.0)), (None, "heads", None, None)),
+                (1, H, 1, 1),
+            )
+            scale_mul = jnp.exp(jnp.minimum(scale_mul, math.log(100.0)))
+            q = (_l2_normalize(q) * scale_mul).astype(q.dtype)
+            k = _l2_normalize(k).astype(k.dtype)
+            scale = 1.0
+        else:
+            scale = 0.25 / math.sqrt(hd)
+        if kv_cache is not None:
+            k = jnp.concatenate([kv_cache[0], k], axis=2)
+            v = jnp.concatenate([kv_cache[1], v], axis=2)
+        att = jnp.einsum("bhqc,bhkc->bhqk", q, k).astype(jnp.float32) * scale
+        if mask_LL is not None:
+            att = jnp.where(mask_LL[None, None], att, -jnp.inf)
+        att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bhkc->bqhc", att, v).reshape(B, L, C)
+        out = _dense(C, ("joined_kv", "embed"), c.std, "proj", scale=1 / math.sqrt(2 * c.depth), dtype=self.dtype)(
+            out
+        )
+        return out, (k, v)
+
+
+def _l2_normalize(x):
+    x32 = x.astype(jnp.float32)
+    return x32 / jnp.maximum(jnp.linalg.norm(x32, axis=-1, keepdims=True), 1e-12)
+
+
+class FFN(nn.Module):
+    cfg: VARConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLC):
+        c = self.cfg
+        hidden = round(c.embed_dim * c.mlp_ratio)
+        h = _dense(hidden, ("embed", "mlp"), c.std, "fc1", dtype=self.dtype)(x_BLC)
+        h = _constrain(nn.gelu(h, approximate=True), ("batch", "seq", "act_mlp"))
+        return _dense(c.embed_dim, ("mlp", "embed"), c.std, "fc2", scale=1 / math.sqrt(2 * c.depth),
+                      dtype=self.dtype)(h)
+
+
+class AdaLNSelfAttn(nn.Module):
+    cfg: VARConfig
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLC, cond, mask_LL=None, kv_cache=None, deterministic=True):
+        """``cond`` is (B, D) for per-block AdaLN, or the shared (B, 1, 6, C) modulation with ``shared_aln``."""
+        c = self.cfg
+        C = c.embed_dim
+        if c.shared_aln:
+            ada_gss = self.param(
+                "ada_gss",
+                nn.with_logical_partitioning(_ada_gss_init(c), (None, None, None, "embed")),
+                (1, 1, 6, C),
+            )
+            mods = ada_gss + cond
+        else:
+            mods = _ada_lin(c, 6, "ada_lin", self.dtype)(nn.silu(cond)).reshape(-1, 1, 6, C)
+        mods = mods.astype(jnp.float32)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (mods[:, :, i] for i in range(6))
+        ln = _layer_norm(c.norm_eps)
+        rng1 = rng2 = None
+        if not deterministic and self.drop_path_rate > 0:
+            rng1, rng2 = jax.random.split(self.make_rng("dropout"))
+        h = (ln(x_BLC.astype(jnp.float32)) * (scale1 + 1) + shift1).astype(self.dtype)
+        a, kv = SelfAttention(c, self.dtype, name="attn")(h, mask_LL, kv_cache)
+        x_BLC = x_BLC + drop_path(a * gamma1, self.drop_path_rate, rng1)
+        h = (ln(x_BLC.astype(jnp.float32)) * (scale2 + 1) + shift2).astype(self.dtype)
+        x_BLC = x_BLC + drop_path(FFN(c, self.dtype, name="ffn")(h) * gamma2, self.drop_path_rate, rng2)
+        return _constrain(x_BLC.astype(jnp.float32), ("batch", "seq", "act_embed")), kv
+
+
+def _ada_gss_init(c: VARConfig):
+    def init(key, shape, dtype=jnp.float32):
+        x = jax.random.normal(key, shape, dtype) / math.sqrt(c.embed_dim)
+        factors = jnp.array([c.init_adaln_gamma] * 2 + [c.init_adaln] * 4, dtype)[None, None, :, None]
+        return x * factors
+
+    return init
+
+
+def _ada_lin(c: VARConfig, n: int, name: str, dtype) -> nn.Dense:
+    """Linear(D -> n*C) with the reference's AdaLN init: gamma rows scaled by init_adaln_gamma, others by
+    init_adaln (n == 6: gamma1, gamma2, scale1, scale2, shift1, shift2; n == 2: scale, shift)."""
+    C = c.embed_dim
+
+    def kernel_init(key, shape, dtype=jnp.float32):
+        w = _trunc_normal(c.std)(key, shape, dtype)
+        if n == 6:
+            factors = jnp.concatenate([jnp.full((2 * C,), c.init_adaln_gamma), jnp.full((4 * C,), c.init_adaln)])
+        else:
+            factors = jnp.full((n * C,), c.init_adaln)
+        return w * factors.astype(dtype)[None, :]
+
+    return nn.Dense(
+        n * C, dtype=dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "mlp")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+    )
+
+
+class VAR(nn.Module):
+    """Class-conditional next-scale prediction transformer."""
+
+    cfg: VARConfig
+    dtype: Dtype = jnp.float32  # compute dtype of the blocks; parameters stay float32
+
+    def setup(self):
+        c = self.cfg
+        C = c.embed_dim
+        std = c.std
+        emb_init = nn.with_logical_partitioning(_trunc_normal(std), ("classes", "embed"))
+        self.word_embed = _dense(C, ("cvae", "embed"), std, "word_embed")
+        self.class_emb = nn.Embed(c.num_classes + 1, C, embedding_init=emb_init, name="class_emb")
+        self.pos_start = self.param(
+            "pos_start", nn.with_logical_partitioning(_trunc_normal(std), (None, "seq", "embed")), (1, c.first_l, C)
+        )
+        self.pos_1LC = self.param(
+            "pos_1LC", nn.with_logical_partitioning(_trunc_normal(std), (None, "seq", "embed")), (1, c.L, C)
+        )
+        self.lvl_embed = nn.Embed(len(c.patch_nums), C, embedding_init=emb_init, name="lvl_embed")
+        if c.shared_aln:
+            self.shared_ada_lin = _ada_lin_plain(c, "shared_ada_lin")
+        dpr = np.linspace(0, c.drop_path_rate, c.depth)
+        self.blocks = [
+            AdaLNSelfAttn(c, float(dpr[i]), self.dtype, name=f"blocks_{i}") for i in range(c.depth)
+        ]
+        self.head_nm = HeadNorm(c, name="head_nm")
+        # init_head < 0 keeps the plain init, as in the reference
+        head_scale = c.init_head if c.init_head >= 0 else 1.0
+        self.head = _dense(c.vocab_size, ("embed", "vocab"), std, "head", scale=head_scale)
+
+    def _block_cond(self, cond_BD):
+        if self.cfg.shared_aln:
+            return self.shared_ada_lin(nn.silu(cond_BD)).reshape(-1, 1, 6, self.cfg.embed_dim)
+        return cond_BD
+
+    def lvl_pos(self) -> jax.Array:
+        """(1, L, C) level embedding plus absolute position embedding."""
+        lvl = jnp.asarray(level_ids(self.cfg.patch_nums))
+        return self.lvl_embed(lvl)[None] + self.pos_1LC
+
+    def get_logits(self, x_BLC, cond_BD):
+        h = self.head_nm(x_BLC.astype(jnp.float32), cond_BD)
+        return _constrain(self.head(h).astype(jnp.float32), ("batch", "seq", "act_vocab"))
+
+    def __call__(self, label_B, x_BLCv_wo_first_l, train: bool = False, prog_si: int = -1):
+        """Teacher-forcing forward: logits (B, L, V) float32 (or the first ``prog_si + 1`` scales only).
+
+        label_B: (B,) int; x_BLCv_wo_first_l: (B, L - first_l, Cv) from ``VQVAE.idx_to_var_input``.
+        In training, labels are replaced by the null class with probability ``cond_drop_rate`` (for CFG).
+        """
+        c = self.cfg
+        B = label_B.shape[0]
+        ed = c.L if prog_si < 0 else sum(pn * pn for pn in c.patch_nums[: prog_si + 1])
+        if train and c.cond_drop_rate > 0:
+            drop = jax.random.uniform(self.make_rng("dropout"), (B,)) < c.cond_drop_rate
+            label_B = jnp.where(drop, c.num_classes, label_B)
+        cond_BD = self.class_emb(label_B)
+        sos = jnp.broadcast_to(cond_BD[:, None], (B, c.first_l, c.embed_dim)) + self.pos_start
+        if ed > c.first_l:
+            words = self.word_embed(x_BLCv_wo_first_l[:, : ed - c.first_l].astype(jnp.float32))
+            x = jnp.concatenate([sos, words], axis=1)
+        else:
+            x = sos
+        x = _constrain(x + self.lvl_pos()[:, :ed], ("batch", "seq", "act_embed"))
+        mask = jnp.asarray(block_causal_mask(c.patch_nums, ed))
+        cond = self._block_cond(cond_BD)
+        for blk in self.blocks:
+            x, _ = blk(x, cond, mask, None, deterministic=not train)
+        return self.get_logits(x, cond_BD)
+
+    def first_tokens(self, cond_BD):
+        """(B, first_l, C) input of the first scale when sampling."""
+        c = self.cfg
+        B = cond_BD.shape[0]
+        sos = jnp.broadcast_to(cond_BD[:, None], (B, c.first_l, c.embed_dim)) + self.pos_start
+        return sos + self.lvl_pos()[:, : c.first_l]
+
+    def embed_class(self, label_B):
+        return self.class_emb(label_B)
+
+    def embed_next(self, x_BlCv, start: int):
+        """Word embedding of one scale's input plus its level/position embedding (tokens start..start+l)."""
+        l = x_BlCv.shape[1]
+        return self.word_embed(x_BlCv.astype(jnp.float32)) + self.lvl_pos()[:, start : start + l]
+
+    def step(self, x_BlC, cond_BD, caches):
+        """One cached scale: runs every block on the scale's tokens; returns (logits (B, l, V), new caches).
+
+        ``caches`` is a list with one ``(k, v)`` per block or ``None`` for the first scale.
+        """
+        cond = self._block_cond(cond_BD)
+        new = []
+        for i, blk in enumerate(self.blocks):
+            x_BlC, kv = blk(x_BlC, cond, None, None if caches is None else caches[i], deterministic=True)
+            new.append(kv)
+        return self.get_logits(x_BlC, cond_BD), new
+
+    def init_all(self, label_B, x_BLCv_wo_first_l):
+        return self(label_B, x_BLCv_wo_first_l, train=False)
+
+
+def _ada_lin_plain(c: VARConfig, name: str) -> nn.Dense:
+    """The shared AdaLN linear of the 512px model (initialised like any Linear)."""
+    return nn.Dense(
+        6 * c.embed_dim, name=name,
+        kernel_init=nn.with_logical_partitioning(_trunc_normal(c.std), ("embed", "mlp")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+    )
+
+
+class HeadNorm(nn.Module):
+    """AdaLN before the head: ``LN(x) * (1 + scale) + shift`` with (scale, shift) from the condition."""
+
+    cfg: VARConfig
+
+    @nn.compact
+    def __call__(self, x_BLC, cond_BD):
+        c = self.cfg
+        mods = _ada_lin(c, 2, "ada_lin", jnp.float32)(nn.silu(cond_BD)).reshape(-1, 1, 2, c.embed_dim)
+        return _layer_norm(c.norm_eps)(x_BLC) * (mods[:, :, 0] + 1) + mods[:, :, 1]
