@@ -84,7 +84,7 @@ def to_torch_layout(name: str, arr: np.ndarray, torch_shape: tuple[int, ...] | N
     return arr.reshape(torch_shape) if torch_shape is not None else arr
 
 
-def expected_torch_shape(name: str, shape: tuple[int, ...], key: str) -> tuple[int, ...]:
+def expected_torch_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if name == "kernel" and len(shape) == 4:
         return (shape[3], shape[2], shape[0], shape[1])
     if name == "kernel" and len(shape) == 2:
@@ -92,42 +92,62 @@ def expected_torch_shape(name: str, shape: tuple[int, ...], key: str) -> tuple[i
     return tuple(shape)
 
 
-def state_dict_to_params(
-    sd: Mapping[str, np.ndarray], abstract_params, *, buffers: Sequence[str], share_quant_resi: int = 4,
+def match_state_dict(
+    shapes: Mapping[str, tuple[int, ...]],
+    abstract_params,
+    *,
+    buffers: Sequence[str],
+    share_quant_resi: int = 4,
     source: str = "state dict",
-):
-    """Fill a flax param tree (shapes from ``abstract_params``) from a torch state dict.
+) -> dict[tuple[str, ...], str]:
+    """Maps every flax parameter path to its torch key, checking names and shapes only.
 
     Every key must be used: missing, unexpected and mis-shaped keys are reported together in one error.
     """
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract_params))
-    out, missing, bad_shape, used = {}, [], [], set()
+    mapping, missing, bad_shape = {}, [], []
     for path, leaf in flat.items():
         key = torch_key(path, share_quant_resi)
-        want = expected_torch_shape(path[-1], tuple(leaf.shape), key)
-        if key not in sd:
+        want = expected_torch_shape(path[-1], tuple(leaf.shape))
+        if key not in shapes:
             missing.append(f"{key} {want}")
-            continue
-        used.add(key)
-        arr = np.asarray(sd[key])
-        if tuple(arr.shape) != want and int(np.prod(arr.shape)) != int(np.prod(want)):
-            bad_shape.append(f"{key}: file has {tuple(arr.shape)}, model expects {want}")
-            continue
-        if tuple(arr.shape) != want and path[-1] == "kernel":
-            bad_shape.append(f"{key}: file has {tuple(arr.shape)}, model expects {want}")
-            continue
-        out[path] = to_flax_layout(path[-1], arr.astype(np.float32), tuple(leaf.shape))
+        elif tuple(shapes[key]) != want and (path[-1] == "kernel" or np.prod(shapes[key]) != np.prod(want)):
+            bad_shape.append(f"{key}: file has {tuple(shapes[key])}, model expects {want}")
+        else:
+            mapping[path] = key
     buffer_re = re.compile("|".join(f"(?:{b})" for b in buffers)) if buffers else None
-    unexpected = [k for k in sd if k not in used and not (buffer_re and buffer_re.fullmatch(k))]
+    used = set(mapping.values()) | {k.split(" ")[0] for k in bad_shape}
+    unexpected = [k for k in shapes if k not in used and not (buffer_re and buffer_re.fullmatch(k))]
     if missing or unexpected or bad_shape:
         lines = [f"{source} does not match the model it is converted into."]
         if missing:
-            lines.append(f"Missing keys ({len(missing)}): " + ", ".join(missing))
+            lines.append(f"Missing keys ({len(missing)}): " + ", ".join(missing) + ".")
         if unexpected:
-            lines.append(f"Unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+            lines.append(f"Unexpected keys ({len(unexpected)}): " + ", ".join(unexpected) + ".")
         if bad_shape:
-            lines.append(f"Mis-shaped keys ({len(bad_shape)}): " + "; ".join(bad_shape))
+            lines.append(f"Mis-shaped keys ({len(bad_shape)}): " + "; ".join(bad_shape) + ".")
         raise ConversionError(" ".join(lines))
+    return mapping
+
+
+def state_dict_to_params(
+    sd: Mapping[str, np.ndarray],
+    abstract_params,
+    *,
+    buffers: Sequence[str],
+    share_quant_resi: int = 4,
+    source: str = "state dict",
+):
+    """Fills a flax param tree (shapes from ``abstract_params``) from a torch state dict (float32)."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    mapping = match_state_dict(
+        shapes, abstract_params, buffers=buffers, share_quant_resi=share_quant_resi, source=source
+    )
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract_params))
+    out = {
+        path: to_flax_layout(path[-1], np.asarray(sd[key]).astype(np.float32), tuple(flat[path].shape))
+        for path, key in mapping.items()
+    }
     return flax.traverse_util.unflatten_dict(out)
 
 
@@ -171,9 +191,19 @@ def infer_vqvae_config(sd: Mapping[str, np.ndarray], patch_nums: Sequence[int], 
     quant_resi = 0.5 if any(k.startswith("quantize.quant_resi.") for k in sd) else 0.0
     groups = 32
     return VQVAEConfig(
-        vocab_size=vocab, z_channels=z, ch=ch, ch_mult=ch_mult, num_res_blocks=nrb, using_sa=using_sa,
-        using_mid_sa=using_mid_sa, quant_conv_ks=ks, quant_resi=quant_resi, share_quant_resi=share,
-        default_qresi_counts=counts, patch_nums=tuple(patch_nums), num_groups=groups,
+        vocab_size=vocab,
+        z_channels=z,
+        ch=ch,
+        ch_mult=ch_mult,
+        num_res_blocks=nrb,
+        using_sa=using_sa,
+        using_mid_sa=using_mid_sa,
+        quant_conv_ks=ks,
+        quant_resi=quant_resi,
+        share_quant_resi=share,
+        default_qresi_counts=counts,
+        patch_nums=tuple(patch_nums),
+        num_groups=groups,
     )
 
 
@@ -187,7 +217,9 @@ def default_patch_nums(L: int, source: str) -> tuple[int, ...]:
 
 
 def infer_var_config(
-    sd: Mapping[str, np.ndarray], patch_nums: Sequence[int] | None = None, num_heads: int | None = None,
+    sd: Mapping[str, np.ndarray],
+    patch_nums: Sequence[int] | None = None,
+    num_heads: int | None = None,
     source: str = "VAR state dict",
 ) -> VARConfig:
     ncls1, C = _shape(sd, "class_emb.weight", source)
@@ -214,9 +246,18 @@ def infer_var_config(
             f"pos_1LC holds {L}."
         )
     return VARConfig(
-        depth=depth, embed_dim=C, num_heads=heads, num_classes=ncls1 - 1, vocab_size=V, Cvae=Cvae,
-        patch_nums=pn, mlp_ratio=hidden / C, shared_aln=shared_aln, attn_l2_norm=attn_l2_norm,
-        cond_drop_rate=0.1, drop_path_rate=0.1 * depth / 24,
+        depth=depth,
+        embed_dim=C,
+        num_heads=heads,
+        num_classes=ncls1 - 1,
+        vocab_size=V,
+        Cvae=Cvae,
+        patch_nums=pn,
+        mlp_ratio=hidden / C,
+        shared_aln=shared_aln,
+        attn_l2_norm=attn_l2_norm,
+        cond_drop_rate=0.1,
+        drop_path_rate=0.1 * depth / 24,
     )
 
 

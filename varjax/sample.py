@@ -72,15 +72,25 @@ def keep_masks(keep_hw: jax.Array, patch_nums) -> list[jax.Array]:
     return out
 
 
-def _generate(vae_cfg: VQVAEConfig, var_cfg: VARConfig, opts: SampleOptions, vae_params, var_params, label_B,
-              rng, gt_tokens_BL=None, keep_hw=None):
+def _generate(
+    vae_cfg: VQVAEConfig,
+    var_cfg: VARConfig,
+    opts: SampleOptions,
+    vae_params,
+    var_params,
+    label_B,
+    rng,
+    gt_tokens_BL=None,
+    keep_hw=None,
+):
     vae, var = VQVAE(vae_cfg), VAR(var_cfg)
     vp, tp = {"params": vae_params}, {"params": var_params}
     pns = var_cfg.patch_nums
     S, B, Cv = len(pns), label_B.shape[0], var_cfg.Cvae
     codebook = vae.apply(vp, method=VQVAE.codebook)
-    cond_BD = var.apply(tp, jnp.concatenate([label_B, jnp.full_like(label_B, var_cfg.num_classes)]),
-                        method=VAR.embed_class)
+    cond_BD = var.apply(
+        tp, jnp.concatenate([label_B, jnp.full_like(label_B, var_cfg.num_classes)]), method=VAR.embed_class
+    )
     x = var.apply(tp, cond_BD, method=VAR.first_tokens)
     f_hat = jnp.zeros((B, pns[-1], pns[-1], Cv), jnp.float32)
     keeps = keep_masks(keep_hw, pns) if keep_hw is not None else None

@@ -101,7 +101,10 @@ def _scaled(init, factor: float):
 
 def _dense(features, names, std, name, use_bias=True, scale=1.0, dtype=None):
     return nn.Dense(
-        features, use_bias=use_bias, dtype=dtype, name=name,
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        name=name,
         kernel_init=nn.with_logical_partitioning(_scaled(_trunc_normal(std), scale), names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)),
     )
@@ -164,9 +167,7 @@ class SelfAttention(nn.Module):
             att = jnp.where(mask_LL[None, None], att, -jnp.inf)
         att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bhkc->bqhc", att, v).reshape(B, L, C)
-        out = _dense(C, ("joined_kv", "embed"), c.std, "proj", scale=1 / math.sqrt(2 * c.depth), dtype=self.dtype)(
-            out
-        )
+        out = _dense(C, ("joined_kv", "embed"), c.std, "proj", scale=1 / math.sqrt(2 * c.depth), dtype=self.dtype)(out)
         return out, (k, v)
 
 
@@ -185,8 +186,9 @@ class FFN(nn.Module):
         hidden = round(c.embed_dim * c.mlp_ratio)
         h = _dense(hidden, ("embed", "mlp"), c.std, "fc1", dtype=self.dtype)(x_BLC)
         h = _constrain(nn.gelu(h, approximate=True), ("batch", "seq", "act_mlp"))
-        return _dense(c.embed_dim, ("mlp", "embed"), c.std, "fc2", scale=1 / math.sqrt(2 * c.depth),
-                      dtype=self.dtype)(h)
+        return _dense(c.embed_dim, ("mlp", "embed"), c.std, "fc2", scale=1 / math.sqrt(2 * c.depth), dtype=self.dtype)(
+            h
+        )
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -245,7 +247,9 @@ def _ada_lin(c: VARConfig, n: int, name: str, dtype) -> nn.Dense:
         return w * factors.astype(dtype)[None, :]
 
     return nn.Dense(
-        n * C, dtype=dtype, name=name,
+        n * C,
+        dtype=dtype,
+        name=name,
         kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "mlp")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
     )
@@ -274,9 +278,7 @@ class VAR(nn.Module):
         if c.shared_aln:
             self.shared_ada_lin = _ada_lin_plain(c, "shared_ada_lin")
         dpr = np.linspace(0, c.drop_path_rate, c.depth)
-        self.blocks = [
-            AdaLNSelfAttn(c, float(dpr[i]), self.dtype, name=f"blocks_{i}") for i in range(c.depth)
-        ]
+        self.blocks = [AdaLNSelfAttn(c, float(dpr[i]), self.dtype, name=f"blocks_{i}") for i in range(c.depth)]
         self.head_nm = HeadNorm(c, name="head_nm")
         # init_head < 0 keeps the plain init, as in the reference
         head_scale = c.init_head if c.init_head >= 0 else 1.0
@@ -356,7 +358,8 @@ class VAR(nn.Module):
 def _ada_lin_plain(c: VARConfig, name: str) -> nn.Dense:
     """The shared AdaLN linear of the 512px model (initialised like any Linear)."""
     return nn.Dense(
-        6 * c.embed_dim, name=name,
+        6 * c.embed_dim,
+        name=name,
         kernel_init=nn.with_logical_partitioning(_trunc_normal(c.std), ("embed", "mlp")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
     )

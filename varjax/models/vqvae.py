@@ -154,8 +154,13 @@ class Encoder(nn.Module):
         h = _conv(c.ch, 3, "conv_in")(x_BHW3)
         for i, mult in enumerate(c.ch_mult):
             h = Level(
-                c.ch * mult, c.num_res_blocks, c.using_sa and i == n - 1, "down" if i != n - 1 else None,
-                c.num_groups, c.dropout, name=f"down_{i}",
+                c.ch * mult,
+                c.num_res_blocks,
+                c.using_sa and i == n - 1,
+                "down" if i != n - 1 else None,
+                c.num_groups,
+                c.dropout,
+                name=f"down_{i}",
             )(h, train)
         h = Mid(h.shape[-1], c.using_mid_sa, c.num_groups, c.dropout, name="mid")(h, train)
         h = nn.silu(_norm("norm_out", c.num_groups)(h))
@@ -173,8 +178,13 @@ class Decoder(nn.Module):
         h = Mid(h.shape[-1], c.using_mid_sa, c.num_groups, c.dropout, name="mid")(h, train)
         for i in reversed(range(n)):
             h = Level(
-                c.ch * c.ch_mult[i], c.num_res_blocks + 1, c.using_sa and i == n - 1, "up" if i != 0 else None,
-                c.num_groups, c.dropout, name=f"up_{i}",
+                c.ch * c.ch_mult[i],
+                c.num_res_blocks + 1,
+                c.using_sa and i == n - 1,
+                "up" if i != 0 else None,
+                c.num_groups,
+                c.dropout,
+                name=f"up_{i}",
             )(h, train)
         h = nn.silu(_norm("norm_out", c.num_groups)(h))
         return _conv(3, 3, "conv_out")(h)
@@ -192,9 +202,14 @@ class VQVAE(nn.Module):
         self.quant_conv = _conv(c.z_channels, c.quant_conv_ks, "quant_conv")
         self.post_quant_conv = _conv(c.z_channels, c.quant_conv_ks, "post_quant_conv")
         self.quantize = VectorQuantizer(
-            vocab_size=c.vocab_size, channels=c.z_channels, patch_nums=tuple(c.patch_nums),
-            using_znorm=c.using_znorm, beta=c.beta, quant_resi=c.quant_resi,
-            share_quant_resi=c.share_quant_resi, default_qresi_counts=c.default_qresi_counts,
+            vocab_size=c.vocab_size,
+            channels=c.z_channels,
+            patch_nums=tuple(c.patch_nums),
+            using_znorm=c.using_znorm,
+            beta=c.beta,
+            quant_resi=c.quant_resi,
+            share_quant_resi=c.share_quant_resi,
+            default_qresi_counts=c.default_qresi_counts,
         )
 
     def __call__(self, img_BHW3: jax.Array, train: bool = False):

@@ -1,0 +1,251 @@
+"""Command line: ``varjax <command> ...`` (also ``python -m varjax``).
+
+Model commands (argparse): convert, sample, tokenize, reconstruct, edit.
+Training commands (ml_collections config files, ``--config.field=value`` overrides): train, train-tokenizer,
+eval, sweep, main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TRAINING_COMMANDS = {
+    "train": "varjax.train.var_trainer",
+    "train-tokenizer": "varjax.train.tok_trainer",
+    "eval": "varjax.evaluate",
+    "sweep": "varjax.scaling.sweep",
+    "main": "varjax.main_job",
+}
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.replace("_", ",").split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def cmd_convert(a) -> None:
+    from varjax import ckpt, convert
+    from varjax.torch_io import load_state_dict
+    from varjax.train.sharding import param_count
+
+    t0 = time.time()
+    var_cfg = var_params = None
+    patch_nums = a.patch_nums
+    if a.var:
+        sd_var = load_state_dict(a.var)
+        var_cfg, var_params = convert.convert_var(sd_var, patch_nums, a.num_heads, source=str(a.var))
+        patch_nums = var_cfg.patch_nums
+        print(
+            f"[convert] {a.var}: VAR depth {var_cfg.depth}, width {var_cfg.embed_dim}, heads {var_cfg.num_heads}, "
+            f"classes {var_cfg.num_classes}, shared_aln {var_cfg.shared_aln}, {param_count(var_params):,} params"
+        )
+    sd_vae = load_state_dict(a.vae)
+    vae_cfg, vae_params = convert.convert_vqvae(sd_vae, patch_nums or convert.PATCH_NUMS_256, source=str(a.vae))
+    if var_cfg is not None and (var_cfg.vocab_size, var_cfg.Cvae) != (vae_cfg.vocab_size, vae_cfg.z_channels):
+        raise SystemExit(
+            f"error: {a.var} expects a codebook of {var_cfg.vocab_size} x {var_cfg.Cvae} but {a.vae} has "
+            f"{vae_cfg.vocab_size} x {vae_cfg.z_channels}; they do not belong together."
+        )
+    print(
+        f"[convert] {a.vae}: VQVAE ch {vae_cfg.ch}, codebook {vae_cfg.vocab_size}x{vae_cfg.z_channels}, "
+        f"{vae_cfg.image_size}px, patch_nums {vae_cfg.patch_nums}, {param_count(vae_params):,} params"
+    )
+    ckpt.save_model_dir(
+        a.out,
+        vae_cfg,
+        vae_params,
+        var_cfg,
+        var_params,
+        extra={"source": {"vae": str(a.vae), "var": str(a.var) if a.var else None}},
+    )
+    print(f"[convert] wrote {a.out} in {time.time() - t0:.1f}s")
+
+
+def _load_bundle(path, need_var=False):
+    from varjax.ckpt import load_model_dir
+
+    return load_model_dir(path, need_var=need_var)
+
+
+def cmd_sample(a) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from varjax.images import save_grid
+    from varjax.sample import SampleOptions, make_sampler
+
+    b = _load_bundle(a.ckpt, need_var=True)
+    labels = np.asarray(a.labels, np.int32)
+    bad = [int(x) for x in labels if not 0 <= x < b.var_cfg.num_classes]
+    if bad:
+        raise SystemExit(f"error: --labels {bad} out of range; the model has classes 0..{b.var_cfg.num_classes - 1}.")
+    opts = SampleOptions(cfg=a.cfg, top_k=a.top_k, top_p=a.top_p, more_smooth=a.more_smooth)
+    sampler = make_sampler(b.vae_cfg, b.var_cfg, opts)
+    t0 = time.time()
+    imgs, tokens = sampler(b.vae_params, b.var_params, jnp.asarray(labels), jax.random.PRNGKey(a.seed))
+    imgs, tokens = np.asarray(imgs, np.float32), np.asarray(tokens, np.int32)
+    print(f"[sample] {len(labels)} images of {imgs.shape[1]}px in {time.time() - t0:.1f}s (compile included)")
+    save_grid(a.out, imgs, nrow=min(len(labels), a.nrow or 8))
+    print(f"[sample] wrote {a.out}")
+    if a.save_npz:
+        np.savez(a.save_npz, images=imgs, tokens=tokens, labels=labels)
+        print(f"[sample] wrote {a.save_npz}")
+
+
+def _batched(fn, images, bs):
+    outs = [fn(images[i : i + bs]) for i in range(0, len(images), bs)]
+    return np.concatenate(outs, axis=0)
+
+
+def _tokenizer_fns(b):
+    import jax
+    import jax.numpy as jnp
+
+    from varjax.models.vqvae import VQVAE
+
+    model = VQVAE(b.vae_cfg)
+
+    @jax.jit
+    def tokens(params, x):
+        return jnp.concatenate(model.apply({"params": params}, x * 2 - 1, method=VQVAE.img_to_idx), axis=1)
+
+    @jax.jit
+    def recon(params, x):
+        return (model.apply({"params": params}, x * 2 - 1, method=VQVAE.img_to_recon) + 1) * 0.5
+
+    return tokens, recon
+
+
+def cmd_tokenize(a) -> None:
+    from varjax.images import load_images
+
+    b = _load_bundle(a.ckpt)
+    imgs = load_images(a.images, size=b.vae_cfg.image_size)
+    tok_fn, _ = _tokenizer_fns(b)
+    tokens = _batched(lambda x: np.asarray(tok_fn(b.vae_params, x), np.int32), imgs, a.batch_size)
+    np.savez(a.out, tokens=tokens, patch_nums=np.asarray(b.vae_cfg.patch_nums, np.int32))
+    print(f"[tokenize] {len(imgs)} images -> tokens {tokens.shape} written to {a.out}")
+
+
+def cmd_reconstruct(a) -> None:
+    from varjax.images import load_images, save_png
+
+    b = _load_bundle(a.ckpt)
+    imgs = load_images(a.images, size=b.vae_cfg.image_size)
+    _, rec_fn = _tokenizer_fns(b)
+    rec = _batched(lambda x: np.asarray(rec_fn(b.vae_params, x), np.float32), imgs, a.batch_size)
+    psnr = float(np.mean(10 * np.log10(1.0 / np.maximum(np.mean((rec - imgs) ** 2, axis=(1, 2, 3)), 1e-12))))
+    out = Path(a.out)
+    if out.suffix == ".npz":
+        np.savez(out, images=rec)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(rec):
+            save_png(out / f"{i:05d}.png", r)
+    print(f"[reconstruct] {len(imgs)} images, PSNR {psnr:.2f} dB, written to {out}")
+
+
+def cmd_edit(a) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from varjax.images import load_image_file, load_mask, save_png
+    from varjax.sample import SampleOptions, make_editor, mask_to_keep
+
+    b = _load_bundle(a.ckpt, need_var=True)
+    size = b.vae_cfg.image_size
+    if not 0 <= a.label <= b.var_cfg.num_classes:
+        raise SystemExit(
+            f"error: --label {a.label} out of range 0..{b.var_cfg.num_classes} "
+            f"({b.var_cfg.num_classes} = unconditional)."
+        )
+    img = load_image_file(a.image, size)[None]
+    gen = load_mask(a.mask, size)
+    tok_fn, _ = _tokenizer_fns(b)
+    gt = tok_fn(b.vae_params, jnp.asarray(img))
+    keep = jnp.asarray(mask_to_keep(gen, b.vae_cfg.patch_nums[-1]))[None]
+    editor = make_editor(b.vae_cfg, b.var_cfg, SampleOptions(a.cfg, a.top_k, a.top_p, a.more_smooth))
+    out, _ = editor(b.vae_params, b.var_params, jnp.asarray([a.label], jnp.int32), jax.random.PRNGKey(a.seed), gt, keep)
+    save_png(a.out, np.asarray(out[0]))
+    print(f"[edit] wrote {a.out} (generated {gen.mean() * 100:.0f}% of the image, label {a.label})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="varjax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert released PyTorch checkpoints (no PyTorch needed)")
+    c.add_argument("--vae", required=True, help="tokenizer .pth or .safetensors (e.g. vae_ch160v4096z32.pth)")
+    c.add_argument("--var", help="transformer .pth or .safetensors (e.g. var_d16.pth)")
+    c.add_argument(
+        "--patch-nums",
+        type=_ints,
+        default=None,
+        help="scales, e.g. 1,2,3,4,5,6,8,10,13,16 (default: from the VAR shapes, else the 256px schedule)",
+    )
+    c.add_argument("--num-heads", type=int, default=None, help="heads, when the checkpoint does not reveal them")
+    c.add_argument("--out", required=True, help="output model directory")
+    c.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("sample", help="class-conditional sampling to a PNG grid")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--labels", type=_ints, required=True, help="class ids, e.g. 3,7,980")
+    s.add_argument("--cfg", type=float, default=1.5)
+    s.add_argument("--top-k", type=int, default=900)
+    s.add_argument("--top-p", type=float, default=0.96)
+    s.add_argument("--more-smooth", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--nrow", type=int, default=None)
+    s.add_argument("--out", required=True, help="PNG grid")
+    s.add_argument("--save-npz", default=None, help="also write images (B,H,W,3) in [0,1] and tokens (B,L)")
+    s.set_defaults(fn=cmd_sample)
+
+    for name, fn, hlp in (
+        ("tokenize", cmd_tokenize, "images -> token ids (npz)"),
+        ("reconstruct", cmd_reconstruct, "images -> tokenizer reconstructions"),
+    ):
+        t = sub.add_parser(name, help=hlp)
+        t.add_argument("--ckpt", required=True)
+        t.add_argument("--images", required=True, help="folder of images, or .npy/.npz (B,H,W,3)")
+        t.add_argument("--out", required=True)
+        t.add_argument("--batch-size", type=int, default=16)
+        t.set_defaults(fn=fn)
+
+    e = sub.add_parser("edit", help="zero-shot in-painting / out-painting / class-conditional editing")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--image", required=True)
+    e.add_argument("--mask", required=True, help="PNG; white marks the region to generate")
+    e.add_argument("--label", type=int, required=True, help="class id; num_classes means unconditional")
+    e.add_argument("--cfg", type=float, default=1.5)
+    e.add_argument("--top-k", type=int, default=900)
+    e.add_argument("--top-p", type=float, default=0.96)
+    e.add_argument("--more-smooth", action="store_true")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", required=True)
+    e.set_defaults(fn=cmd_edit)
+
+    for name in TRAINING_COMMANDS:
+        sub.add_parser(name, help=f"see `varjax {name} --help`", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_COMMANDS:
+        import importlib
+
+        module = importlib.import_module(TRAINING_COMMANDS[argv[0]])
+        module.run_cli([f"varjax {argv[0]}"] + argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
