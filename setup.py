@@ -23,6 +23,7 @@ setup(
         "tensorflow-datasets>=4.9.6",
         "tensorboardX>=2.6",
         "absl-py",
+        "importlib_resources",
     ],
     extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
     entry_points={"console_scripts": ["varjax=varjax.cli:main"]},
