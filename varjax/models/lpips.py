@@ -109,6 +109,11 @@ class LPIPS(nn.Module):
                 f"LPIPS expects two NHWC RGB image batches of equal shape (B, H, W, 3); got {x_BHW3.shape} "
                 f"and {y_BHW3.shape}."
             )
+        if min(x_BHW3.shape[1:3]) < 16:
+            raise ValueError(
+                f"LPIPS needs images of at least 16x16 (four 2x2 poolings precede relu5_3); got "
+                f"{x_BHW3.shape[1]}x{x_BHW3.shape[2]}."
+            )
         b = x_BHW3.shape[0]
         shift, scale = jnp.asarray(SHIFT, jnp.float32), jnp.asarray(SCALE, jnp.float32)
         # One backbone pass over both batches halves the number of kernel launches.

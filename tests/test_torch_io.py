@@ -1,0 +1,454 @@
+"""Tests for varjax.torch_io: torch zip checkpoints and safetensors, read without torch and without running code.
+
+Malformed and hostile checkpoints are built from hand-written protocol-2 pickle opcodes, so the reader is
+tested on files that neither torch nor the writer under test produced.
+"""
+
+import os
+import pickle
+import pickletools
+import struct
+import zipfile
+from collections import OrderedDict
+
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from varjax.torch_io import UnsafeCheckpointError, load_state_dict, load_torch_pickle, save_state_dict_pth
+
+GOLDEN = "/work/shared/golden"
+needs_golden = pytest.mark.skipif(not os.path.isdir(GOLDEN), reason="reference checkpoints not present")
+
+# ------------------------------------------------------------------------------ hand-written pickles
+
+
+def _str(s: str) -> bytes:
+    data = s.encode()
+    return b"X" + struct.pack("<I", len(data)) + data  # BINUNICODE
+
+
+def _int(n: int) -> bytes:
+    return b"J" + struct.pack("<i", n)  # BININT
+
+
+def _ints(values) -> bytes:
+    return b"(" + b"".join(_int(v) for v in values) + b"t"  # MARK ... TUPLE
+
+
+def _tensor(storage: str, key: str, numel: int, offset: int, size, stride, metadata: bytes = b"") -> bytes:
+    """`_rebuild_tensor_v2(('storage', torch.<storage>, key, 'cpu', numel), offset, size, stride, ...)`."""
+    pid = b"(" + _str("storage") + b"ctorch\n" + storage.encode() + b"\n" + _str(key) + _str("cpu") + _int(numel)
+    return (
+        b"ctorch._utils\n_rebuild_tensor_v2\n("
+        + pid
+        + b"tQ"  # TUPLE, BINPERSID
+        + _int(offset)
+        + _ints(size)
+        + _ints(stride)
+        + b"\x89ccollections\nOrderedDict\n)R"  # requires_grad=False, backward_hooks=OrderedDict()
+        + metadata
+        + b"tR"
+    )
+
+
+def _dict(items: dict) -> bytes:
+    """EMPTY_DICT MARK key value ... SETITEMS; values are opcodes (bytes) or ints."""
+    body = b"".join(_str(k) + (v if isinstance(v, bytes) else _int(v)) for k, v in items.items())
+    return b"}(" + body + b"u"
+
+
+def _pickle(body: bytes) -> bytes:
+    return b"\x80\x02" + body + b"."
+
+
+def _write_zip(path, data_pkl: bytes, storages: dict, byteorder: bytes | None = b"little", prefix="ckpt") -> str:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{prefix}/data.pkl", data_pkl)
+        if byteorder is not None:
+            z.writestr(f"{prefix}/byteorder", byteorder)
+        for key, raw in storages.items():
+            z.writestr(f"{prefix}/data/{key}", raw)
+        z.writestr(f"{prefix}/version", b"3\n")
+    return str(path)
+
+
+def _w():
+    return _tensor("FloatStorage", "0", 2, 0, (2,), (1,))
+
+
+def _nested_file(tmp_path, body: bytes, name="nested.pth") -> str:
+    return _write_zip(tmp_path / name, _pickle(body), {"0": np.array([1.0, 2.0], np.float32).tobytes()})
+
+
+# ---------------------------------------------------------------------------------- reference files
+
+
+@needs_golden
+def test_reads_reference_vqvae_checkpoint():
+    sd = load_state_dict(f"{GOLDEN}/vqvae_public.pth")
+    assert type(sd) is dict
+    assert list(sd)[0] == "encoder.conv_in.weight"  # file order kept
+    assert sd["encoder.conv_in.weight"].shape == (32, 3, 3, 3)
+    assert sd["quantize.embedding.weight"].shape == (256, 16)
+    assert sd["quantize.ema_vocab_hit_SV"].shape == (6, 256)
+    for k, v in sd.items():
+        assert v.dtype == np.float32 and v.flags.c_contiguous, k
+        assert np.isfinite(v).all(), k
+    assert np.abs(sd["quantize.embedding.weight"]).max() > 0
+
+
+@needs_golden
+def test_reads_reference_var_checkpoint():
+    sd = load_state_dict(f"{GOLDEN}/var_public.pth")
+    lvl = sd["lvl_1L"]
+    assert lvl.dtype == np.int64 and lvl.shape == (1, 130)
+    # scale index of each token: 1, 4, 9, 16, 36, 64 tokens for patch sizes 1, 2, 3, 4, 6, 8
+    np.testing.assert_array_equal(np.bincount(lvl[0]), [1, 4, 9, 16, 36, 64])
+    bias = sd["attn_bias_for_masking"]
+    assert bias.shape == (1, 1, 130, 130) and bias.dtype == np.float32
+    assert set(np.unique(bias)) == {0.0, -np.inf}  # block-causal mask
+    assert sd["blocks.0.attn.zero_k_bias"].shape == (128,)
+    assert sd["class_emb.weight"].shape == (11, 128)
+    for k, v in sd.items():
+        if k not in ("lvl_1L", "attn_bias_for_masking"):
+            assert v.dtype == np.float32 and np.isfinite(v).all(), k
+
+
+# ------------------------------------------------------------------------------------------ writer
+
+
+def _sample_state_dict():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 7)).astype(np.float32)
+    return {
+        "transposed": x.T,  # non-contiguous input
+        "strided": x[::2, 1::3].astype(np.float64),
+        "bf16": x.astype(ml_dtypes.bfloat16),
+        "half": x[:2].astype(np.float16),
+        "f8": np.array([0.5, -2.0, 448.0], ml_dtypes.float8_e4m3fn),  # torch's untyped-storage (v3) path
+        "u16": np.array([0, 65535], np.uint16),
+        "c64": (x[0] + 1j * x[1]).astype(np.complex64),
+        "i64": np.arange(-3, 9, dtype=np.int64).reshape(3, 4),
+        "i8": np.array([-128, 0, 127], dtype=np.int8),
+        "mask": np.array([[True, False], [False, True]]),
+        "scalar": np.array(2.5, dtype=np.float32),
+        "empty": np.zeros((0, 3), dtype=np.float32),
+        "big_endian": np.arange(4, dtype=">i4"),
+    }
+
+
+def test_save_load_round_trip(tmp_path):
+    sd = _sample_state_dict()
+    path = tmp_path / "sd.pth"
+    save_state_dict_pth(path, sd)
+    back = load_state_dict(path)
+    assert list(back) == list(sd)
+    for k, v in sd.items():
+        assert back[k].shape == v.shape, k
+        assert back[k].dtype == v.dtype.newbyteorder("<"), k
+        assert back[k].flags.c_contiguous and back[k].flags.writeable, k
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    assert back["scalar"].ndim == 0
+
+
+def test_written_archive_has_torch_layout(tmp_path):
+    path = tmp_path / "sd.pth"
+    save_state_dict_pth(path, {"a": np.ones((3, 3), np.float32), "b": np.zeros(5, np.int64)})
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        assert names[0] == "archive/data.pkl" and names[-1] == "archive/version"
+        assert {"archive/byteorder", "archive/data/0", "archive/data/1"} <= set(names)
+        assert z.read("archive/version") == b"3\n"
+        assert z.read("archive/byteorder") == b"little"
+        assert z.read("archive/data/1") == np.zeros(5, "<i8").tobytes()
+        globals_used = {arg for op, arg, _ in pickletools.genops(z.read("archive/data.pkl")) if op.name == "GLOBAL"}
+        infos = z.infolist()
+    assert globals_used == {
+        "collections OrderedDict",
+        "torch._utils _rebuild_tensor_v2",
+        "torch FloatStorage",
+        "torch LongStorage",
+    }
+    raw = path.read_bytes()
+    for info in infos:  # the data of every record starts at a 64-byte boundary, as torch writes it
+        name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+        assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
+    assert os.listdir(tmp_path) == ["sd.pth"]  # no partial file left behind
+
+
+def test_save_refuses_unsupported_values(tmp_path):
+    with pytest.raises(ValueError, match=r"'s' has dtype <U1"):
+        save_state_dict_pth(tmp_path / "x.pth", {"w": np.ones(2), "s": np.array(["a"])})
+    with pytest.raises(ValueError, match=r"'f' is a float 1\.5; expected an array"):
+        save_state_dict_pth(tmp_path / "x.pth", {"f": 1.5})
+    with pytest.raises(ValueError, match=r"key 3 is a int"):
+        save_state_dict_pth(tmp_path / "x.pth", {3: np.ones(2)})
+    assert not os.listdir(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ reader
+
+
+def test_views_into_one_storage(tmp_path):
+    storage = np.arange(12, dtype=np.float32)
+    body = _dict(
+        {
+            "full": _tensor("FloatStorage", "0", 12, 0, (3, 4), (4, 1)),
+            "transposed": _tensor("FloatStorage", "0", 12, 0, (4, 3), (1, 4)),
+            "column": _tensor("FloatStorage", "0", 12, 2, (3,), (4,)),
+            "row": _tensor("FloatStorage", "0", 12, 4, (4,), (1,)),
+            "expanded": _tensor("FloatStorage", "0", 12, 1, (2, 3), (0, 1)),
+            "scalar": _tensor("FloatStorage", "0", 12, 7, (), ()),
+            "empty": _tensor("FloatStorage", "0", 12, 12, (0, 5), (5, 1)),
+        }
+    )
+    sd = load_state_dict(_write_zip(tmp_path / "views.pth", _pickle(body), {"0": storage.tobytes()}))
+    full = storage.reshape(3, 4)
+    np.testing.assert_array_equal(sd["full"], full)
+    np.testing.assert_array_equal(sd["transposed"], full.T)
+    np.testing.assert_array_equal(sd["column"], full[:, 2])
+    np.testing.assert_array_equal(sd["row"], full[1])
+    np.testing.assert_array_equal(sd["expanded"], [[1, 2, 3], [1, 2, 3]])
+    assert sd["scalar"].shape == () and sd["scalar"] == 7
+    assert sd["empty"].shape == (0, 5)
+    for k, v in sd.items():  # every array is an independent, writable C array
+        assert v.flags.c_contiguous and v.flags.writeable, k
+    sd["full"][1] = -1
+    np.testing.assert_array_equal(sd["row"], full[1])
+
+
+def test_tensor_metadata_bits_and_parameters(tmp_path):
+    values = np.array([1.0, -2.0, 3.0], np.float32)
+    neg = b"}" + _str("neg") + b"\x88s"  # {'neg': True}: torch stores a lazily negated view's source values
+    param = b"ctorch._utils\n_rebuild_parameter\n(" + _tensor("FloatStorage", "0", 3, 0, (3,), (1,)) + b"\x88)tR"
+    body = _dict({"neg": _tensor("FloatStorage", "0", 3, 0, (3,), (1,), metadata=neg), "param": param})
+    sd = load_state_dict(_write_zip(tmp_path / "m.pth", _pickle(body), {"0": values.tobytes()}))
+    np.testing.assert_array_equal(sd["neg"], -values)
+    np.testing.assert_array_equal(sd["param"], values)
+
+
+def test_big_endian_archive(tmp_path):
+    values = np.array([1.5, -2.0, 3.25], dtype=np.float32)
+    bf16 = values.astype(ml_dtypes.bfloat16)
+    body = _dict(
+        {
+            "f": _tensor("FloatStorage", "0", 3, 0, (3,), (1,)),
+            "b": _tensor("BFloat16Storage", "1", 3, 0, (3,), (1,)),
+            "c": _tensor("ComplexFloatStorage", "2", 1, 0, (), ()),
+        }
+    )
+    storages = {
+        "0": values.astype(">f4").tobytes(),
+        "1": bf16.view(np.uint16).astype(">u2").tobytes(),
+        "2": np.array([1.5, -4.0], ">f4").tobytes(),  # each half of a complex number is swapped on its own
+    }
+    sd = load_state_dict(_write_zip(tmp_path / "be.pth", _pickle(body), storages, byteorder=b"big"))
+    np.testing.assert_array_equal(sd["f"], values)
+    assert sd["b"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(sd["b"], bf16)
+    assert sd["c"] == 1.5 - 4.0j
+
+
+def test_tensor_reaching_outside_its_storage_is_refused(tmp_path):
+    body = _dict({"w": _tensor("FloatStorage", "0", 4, 2, (2, 2), (2, 1))})  # last element would be #5
+    path = _write_zip(tmp_path / "oob.pth", _pickle(body), {"0": np.zeros(4, np.float32).tobytes()})
+    with pytest.raises(ValueError, match=r"oob\.pth: tensor .* reaches byte 24 of storage '0', which has 16"):
+        load_state_dict(path)
+
+
+def test_missing_or_short_storage_record(tmp_path):
+    body = _pickle(_dict({"w": _tensor("FloatStorage", "0", 4, 0, (4,), (1,))}))
+    with pytest.raises(ValueError, match=r"a\.pth.*storage record 'ckpt/data/0' is missing"):
+        load_state_dict(_write_zip(tmp_path / "a.pth", body, {}))
+    with pytest.raises(ValueError, match=r"b\.pth.*'ckpt/data/0' holds 8 bytes, the pickle expects 16"):
+        load_state_dict(_write_zip(tmp_path / "b.pth", body, {"0": b"\0" * 8}))
+
+
+def test_nested_objects_are_kept(tmp_path):
+    tensor = _tensor("LongStorage", "0", 2, 0, (2,), (1,))
+    body = _dict(
+        {
+            "epoch": 3,
+            "trainer": _dict({"w": tensor}),
+            "hist": b"]" + b"(" + _int(1) + tensor + b"e",  # EMPTY_LIST MARK ... APPENDS
+            "od": b"ccollections\nOrderedDict\n)R" + b"(" + _str("x") + _int(1) + b"u",
+        }
+    )
+    obj = load_torch_pickle(_write_zip(tmp_path / "n.pth", _pickle(body), {"0": np.array([5, 6], np.int64).tobytes()}))
+    assert obj["epoch"] == 3
+    np.testing.assert_array_equal(obj["trainer"]["w"], [5, 6])
+    assert obj["hist"][0] == 1 and obj["hist"][1].dtype == np.int64
+    assert type(obj["od"]) is OrderedDict and obj["od"] == {"x": 1}
+
+
+# ---------------------------------------------------------------------------------- hostile files
+
+
+class _Calls:
+    """Pickles as a call of `func(arg)`, the classic way a checkpoint runs code when unpickled."""
+
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])  # GLOBAL and STACK_GLOBAL opcodes
+@pytest.mark.parametrize("via", ["system", "exec"])
+def test_pickle_running_code_is_refused(tmp_path, protocol, via):
+    marker = tmp_path / "pwned"
+    if via == "system":
+        payload, global_name = _Calls(os.system, f"touch {marker}"), f"{os.system.__module__}.system"
+    else:
+        # protocol 2 spells the module of exec '__builtin__'
+        payload, global_name = _Calls(exec, f"open({str(marker)!r}, 'w').close()"), r"(builtins|__builtin__)\.exec"
+    path = _write_zip(tmp_path / "evil.pth", pickle.dumps({"w": payload}, protocol=protocol), {})
+    with pytest.raises(UnsafeCheckpointError, match=rf"evil\.pth.*'{global_name}'"):
+        load_state_dict(path)
+    with pytest.raises(UnsafeCheckpointError):
+        load_torch_pickle(path)
+    assert not marker.exists()
+
+
+def test_eval_smuggled_next_to_a_real_tensor_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    code = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    body = _dict({"w": _w(), "x": b"cbuiltins\neval\n(" + _str(code) + b"tR"})
+    path = _write_zip(tmp_path / "evil.pth", _pickle(body), {"0": np.zeros(2, np.float32).tobytes()})
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pth.*'builtins\.eval'"):
+        load_state_dict(path)
+    assert not marker.exists()
+    assert issubclass(UnsafeCheckpointError, ValueError)
+
+
+def test_build_on_an_allowed_global_is_refused(tmp_path):
+    # BUILD would set attributes on the shared stand-in for _rebuild_tensor_v2 and change later loads.
+    body = b"ctorch._utils\n_rebuild_tensor_v2\n}" + _str("fn") + b"ccollections\nOrderedDict\nsb"
+    path = _write_zip(tmp_path / "build.pth", _pickle(body), {})
+    with pytest.raises(UnsafeCheckpointError, match=r"build\.pth.*set state"):
+        load_torch_pickle(path)
+    ok = load_state_dict(_write_zip(tmp_path / "ok.pth", _pickle(_dict({"w": _w()})), {"0": b"\0" * 8}))
+    np.testing.assert_array_equal(ok["w"], [0, 0])
+
+
+def test_malformed_persistent_id_is_refused(tmp_path):
+    body = _dict({"w": b"(" + _str("storage") + _str("not a type") + _str("0") + _str("cpu") + _int(2) + b"tQ"})
+    with pytest.raises(ValueError, match=r"pid\.pth.*does not name a storage type"):
+        load_state_dict(_write_zip(tmp_path / "pid.pth", _pickle(body), {"0": b"\0" * 8}))
+
+
+# ------------------------------------------------------------------------------------- safetensors
+
+
+def test_safetensors_round_trip_detected_by_content(tmp_path):
+    sd = {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "bf16": np.linspace(-1, 1, 5).astype(ml_dtypes.bfloat16),
+        "idx": np.arange(4, dtype=np.int64),
+    }
+    path = tmp_path / "weights.bin"  # the extension says torch; the content says safetensors
+    safetensors.numpy.save_file(sd, str(path))
+    back = load_state_dict(path)
+    assert set(back) == set(sd)
+    for k, v in sd.items():
+        assert back[k].dtype == v.dtype and back[k].flags.writeable, k
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    with pytest.raises(ValueError, match="safetensors"):
+        load_torch_pickle(path)
+
+
+def test_safetensors_key_selects_a_prefix(tmp_path):
+    sd = {"vae.enc.w": np.ones(2, np.float32), "vae.dec.w": np.zeros(3, np.float32), "var.head": np.ones(1)}
+    path = tmp_path / "both.safetensors"
+    safetensors.numpy.save_file(sd, str(path))
+    assert set(load_state_dict(path)) == set(sd)
+    vae = load_state_dict(path, key="vae")
+    assert set(vae) == {"enc.w", "dec.w"}
+    np.testing.assert_array_equal(vae["dec.w"], np.zeros(3))
+    assert set(load_state_dict(path, key="vae.enc")) == {"w"}
+    with pytest.raises(
+        ValueError, match=r"both\.safetensors: key 'vqvae'.*no entries starting with 'vqvae\.'.*'vae', 'var'"
+    ):
+        load_state_dict(path, key="vqvae")
+    with pytest.raises(ValueError, match=r"key 'var\.head' is a single tensor"):
+        load_state_dict(path, key="var.head")
+
+
+def test_corrupt_safetensors_names_the_file(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    header = b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)  # 4 of the 16 data bytes
+    with pytest.raises(ValueError, match=r"bad\.safetensors: not a readable safetensors file"):
+        load_state_dict(path)
+
+
+# ------------------------------------------------------------------------------ state-dict selection
+
+
+def test_dotted_key_selects_nested_state_dict(tmp_path):
+    body = _dict({"epoch": 3, "trainer": _dict({"var_wo_ddp": _dict({"w": _w()}), "step": 5})})
+    path = _nested_file(tmp_path, body)
+    sd = load_state_dict(path, key="trainer.var_wo_ddp")
+    assert list(sd) == ["w"]
+    np.testing.assert_array_equal(sd["w"], [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"nested\.pth: .*ambiguous.*'epoch', 'trainer'.*'trainer\.var_wo_ddp'"):
+        load_state_dict(path)
+    with pytest.raises(ValueError, match=r"key 'trainer\.nope': no entry 'nope' under 'trainer'.*'var_wo_ddp', 'step'"):
+        load_state_dict(path, key="trainer.nope")
+    with pytest.raises(ValueError, match=r"at key 'trainer' is not a flat state dict.*key=.*'trainer\.var_wo_ddp'"):
+        load_state_dict(path, key="trainer")
+    with pytest.raises(ValueError, match=r"key 'epoch\.x': 'epoch' is a int 3, not a dict"):
+        load_state_dict(path, key="epoch.x")
+
+
+def test_keys_containing_dots(tmp_path):
+    path = _nested_file(tmp_path, _dict({"model.ema": _dict({"w": _w()}), "model": _dict({"v": _w()})}))
+    assert list(load_state_dict(path, key="model.ema")) == ["w"]
+    assert list(load_state_dict(path, key="model")) == ["v"]
+
+
+def test_single_wrapped_state_dict_is_found_without_key(tmp_path):
+    sd = load_state_dict(_nested_file(tmp_path, _dict({"model": _dict({"w": _w()}), "epoch": 1})))
+    assert list(sd) == ["w"]
+    ambiguous = _nested_file(tmp_path, _dict({"model": _dict({"w": _w()}), "ema": _dict({"v": _w()})}), "2.pth")
+    with pytest.raises(ValueError, match=r"several candidates \['model', 'ema'\].*key="):
+        load_state_dict(ambiguous)
+    assert list(load_state_dict(ambiguous, key="ema")) == ["v"]
+
+
+def test_non_tensor_entry_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"nested\.pth: the top-level object .* entry 'n' is a int 5, not a tensor"):
+        load_state_dict(_nested_file(tmp_path, _dict({"w": _w(), "n": 5})))
+
+
+# ---------------------------------------------------------------------------------------- bad files
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "noise.pth"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError, match=r"noise\.pth: unrecognized checkpoint format"):
+        load_state_dict(path)
+
+
+def test_zip_without_data_pkl(tmp_path):
+    path = tmp_path / "arrays.npz"
+    np.savez(path, a=np.zeros(3))
+    with pytest.raises(ValueError, match=r"arrays\.npz: zip archive has no '<archive>/data\.pkl'.*'a\.npy'"):
+        load_state_dict(path)
+
+
+def test_legacy_format_is_refused(tmp_path):
+    path = tmp_path / "old.pth"
+    path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps({"a": 1}, protocol=2))
+    with pytest.raises(ValueError, match=r"old\.pth: .*legacy.*only the zip format"):
+        load_state_dict(path)
+
+
+def test_truncated_pickle(tmp_path):
+    body = _pickle(_dict({"w": _w()}))[:-20]
+    with pytest.raises(ValueError, match=r"cut\.pth \(ckpt/data\.pkl\): not a valid state-dict pickle"):
+        load_state_dict(_write_zip(tmp_path / "cut.pth", body, {"0": b"\0" * 8}))

@@ -1,0 +1,75 @@
+"""Shared defaults for the config files in ``configs/`` (each recipe overrides what it needs)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from varjax.data import pipeline
+from varjax.train import optim
+from varjax.train.sharding import DEFAULT_MESH, DEFAULT_RULES
+
+# Logical axes of activations: batch over every data-parallel axis, features replicated or over `tensor`.
+ACTIVATION_RULES = (
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("classes", None),
+    ("cvae", None),
+)
+
+
+def base_run() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 768
+    c.total_epochs = ml_collections.FieldReference(None, field_type=float)
+    c.total_steps = ml_collections.FieldReference(None, field_type=int)
+    c.total_examples = ml_collections.FieldReference(None, field_type=int)
+    c.mesh = list(DEFAULT_MESH)
+    c.rules = list(DEFAULT_RULES) + list(ACTIVATION_RULES)
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    c.log_every = 50
+    c.ckpt_every = 1000
+    c.keep_ckpts = 3
+    c.async_ckpt = True
+    c.eval_every = 0
+    c.progress_every_s = 10.0
+    c.data = pipeline.default_config()
+    c.opt = optim.default_config()
+    return c
+
+
+def var_run(depth: int) -> ml_collections.ConfigDict:
+    """The reference's VAR defaults (``utils/arg_util.py``) for ``depth``."""
+    c = base_run()
+    c.tokenizer_dir = ""  # a model directory from `varjax convert` or `varjax train-tokenizer`
+    c.tblr = 1e-4  # lr = tblr * batch_size / 256
+    c.ls = 0.0  # label smoothing
+    c.pg = 0.0  # progressive training over the first pg fraction of steps (0: off)
+    c.pg0 = 4
+    c.pgwp = 0.0  # warm-up epochs of each new scale's loss weight (0: total_epochs / 300)
+    c.model = ml_collections.ConfigDict(
+        dict(
+            depth=depth,
+            embed_dim=None,
+            num_heads=None,
+            drop_path_rate=None,
+            num_classes=None,
+            shared_aln=False,
+            attn_l2_norm=True,
+            cond_drop_rate=0.1,
+            init_adaln=0.5,
+            init_adaln_gamma=1e-5,
+            init_head=0.02,
+            init_std=-1.0,
+            dtype="bfloat16",
+        )
+    )
+    c.model.embed_dim = ml_collections.FieldReference(None, field_type=int)
+    c.model.num_heads = ml_collections.FieldReference(None, field_type=int)
+    c.model.drop_path_rate = ml_collections.FieldReference(None, field_type=float)
+    c.model.num_classes = ml_collections.FieldReference(None, field_type=int)
+    c.opt.twd, c.opt.twde, c.opt.sche, c.opt.wp0, c.opt.wpe, c.opt.tclip = 0.05, 0.0, "lin0", 0.005, 0.01, 2.0
+    c.data.name = "imagenet2012"
+    c.data.eval_split = "validation"
+    return c

@@ -1,0 +1,265 @@
+"""VAR training: ``varjax train --config configs/<file>.py[:args] --workdir DIR [--config.field=value ...]``.
+
+The tokenizer is frozen (a converted or trained model directory named by ``config.tokenizer_dir``); the
+objective is the reference's: teacher-forcing inputs from the tokenizer, cross-entropy (optional label
+smoothing) averaged uniformly over all tokens, class dropout, drop path, optional progressive training.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from varjax.ckpt import FORMAT, load_model_dir
+from varjax.data import pipeline
+from varjax.models.var import VAR, VARConfig
+from varjax.models.vqvae import VQVAE, VQVAEConfig, split_scales
+from varjax.train import loop, optim
+
+MODEL_FIELDS = {f for f in VARConfig.__dataclass_fields__}
+
+
+def var_config_from(cfg: ml_collections.ConfigDict, vae_cfg: VQVAEConfig, num_classes: int) -> VARConfig:
+    """Model config: the official width/heads/drop-path rules for ``depth``, overridden by ``config.model``."""
+    m = dict(cfg.model)
+    unknown = set(m) - MODEL_FIELDS - {"dtype"}
+    if unknown:
+        raise ValueError(f"config.model has unknown fields {sorted(unknown)}; known: {sorted(MODEL_FIELDS)}.")
+    depth = int(m.pop("depth"))
+    base = dict(embed_dim=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24)
+    base.update({k: v for k, v in m.items() if k != "dtype" and v is not None})
+    return VARConfig(
+        depth=depth,
+        num_classes=num_classes,
+        vocab_size=vae_cfg.vocab_size,
+        Cvae=vae_cfg.z_channels,
+        patch_nums=tuple(vae_cfg.patch_nums),
+        **{k: v for k, v in base.items() if k not in ("num_classes", "vocab_size", "Cvae", "patch_nums")},
+    )
+
+
+def prog_stage(step: int, *, pg: float, pg0: int, wp_it: float, max_it: int, num_scales: int) -> int:
+    """The reference's progressive-training stage (index of the last trained scale) at ``step``; -1 = all."""
+    if pg <= 0:
+        return -1
+    if step <= wp_it:
+        si = pg0
+    elif step >= max_it * pg:
+        si = num_scales - 1
+    else:
+        progress = min(max((step - wp_it) / (max_it * pg - wp_it), 0), 1)
+        si = pg0 + round(progress * (num_scales - 1 - pg0))
+    return -1 if si == num_scales - 1 else si
+
+
+def prog_warmup(step: int, stage_fn, pgwp_it: float) -> float:
+    """Loss weight of the newest scale: ramps over ``pgwp_it`` steps after each stage change (the first stage
+    is not ramped, since the lr warm-up already covers it)."""
+    si = stage_fn(step)
+    first = 0
+    while first < step and stage_fn(first) != si:  # stages only grow, so the first step of this stage is found
+        first += 1
+    if stage_fn(0) == si:
+        return 1.0
+    return max(min((step - first + 1) / max(pgwp_it, 1e-9), 1.0), 0.01)
+
+
+def token_loss(logits_BLV, gt_BL, label_smooth: float, weight_L):
+    """Cross-entropy with label smoothing, per-token weights (1/L each) summed, then mean over the batch."""
+    logp = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, gt_BL[..., None], axis=-1)[..., 0]
+    loss_BL = (1 - label_smooth) * nll - label_smooth * logp.mean(-1) if label_smooth > 0 else nll
+    return (loss_BL * weight_L[None]).sum(-1).mean()
+
+
+def eval_stats(logits_BLV, gt_BL, last_l: int, mask_B):
+    """Sums over valid examples of L_mean, L_tail, acc_mean, acc_tail (accuracies in %) and the count."""
+    logp = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, gt_BL[..., None], axis=-1)[..., 0]
+    hit = (jnp.argmax(logits_BLV, -1) == gt_BL).astype(jnp.float32)
+    per = jnp.stack([nll.mean(1), nll[:, -last_l:].mean(1), hit.mean(1) * 100, hit[:, -last_l:].mean(1) * 100])
+    return jnp.concatenate([(per * mask_B[None]).sum(1), mask_B.sum()[None]])
+
+
+def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, vae_params, model_cfg: VARConfig, dtype) -> loop.Task:
+    cfg = setup.cfg
+    vae, var = VQVAE(vae_cfg), VAR(model_cfg, dtype=dtype)
+    peak = optim.peak_lr(cfg.tblr, cfg.batch_size, cfg.opt.get("ac", 1))
+    tx = optim.make_optimizer(
+        cfg.opt,
+        peak_lr=peak,
+        total_steps=setup.total_steps,
+        steps_per_epoch=setup.steps_per_epoch,
+        examples_per_step=cfg.batch_size,
+    )
+    vae_params = jax.device_put(vae_params, jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec()))
+    L, pns = model_cfg.L, model_cfg.patch_nums
+    last_l = pns[-1] ** 2
+    S = len(pns)
+
+    def init_fn(rng):
+        lab = jnp.zeros((1,), jnp.int32)
+        x = jnp.zeros((1, L - model_cfg.first_l, model_cfg.Cvae), jnp.float32)
+        params = var.init(rng, lab, x, method=VAR.init_all)["params"]
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng}
+
+    def inputs(batch):
+        if "tokens" in batch:
+            idx = split_scales(batch["tokens"], pns)
+        else:
+            idx = vae.apply({"params": vae_params}, batch["image"], method=VQVAE.img_to_idx)
+        x = vae.apply({"params": vae_params}, idx, method=VQVAE.idx_to_var_input)
+        return jnp.concatenate(idx, axis=1), x
+
+    def make_step(prog_si: int):
+        ed = L if prog_si < 0 else sum(p * p for p in pns[: prog_si + 1])
+        bg = ed - (pns[prog_si] ** 2 if prog_si >= 0 else 0)
+
+        def step_fn(state, batch):
+            gt_BL, x = inputs(batch)
+            gt_BL = gt_BL[:, :ed]
+            rng = jax.random.fold_in(state["rng"], state["step"])
+            prog_wp = batch["prog_wp"][0] if "prog_wp" in batch else 1.0
+            weight = jnp.full((ed,), 1.0 / L)
+            if prog_si >= 0:
+                weight = weight.at[bg:ed].multiply(jnp.clip(prog_wp, 0.0, 1.0))
+
+            def loss_fn(params):
+                logits = var.apply(
+                    {"params": params}, batch["label"], x, train=True, prog_si=prog_si, rngs={"dropout": rng}
+                )
+                return token_loss(logits, gt_BL, cfg.ls, weight), logits
+
+            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            hp = optim.current_hparams(opt_state)
+            pred = jnp.argmax(logits, -1)
+            m = {
+                "loss": loss,
+                "lr": hp["lr"],
+                "wd": hp["wd"],
+                "grad_norm": optax.global_norm(grads),
+                "param_norm": optax.global_norm(params),
+                "update_norm": optax.global_norm(updates),
+                "acc_mean": (pred == gt_BL).mean() * 100,
+                "prog_si": jnp.asarray(prog_si, jnp.float32),
+            }
+            if prog_si < 0:
+                m["acc_tail"] = (pred[:, -last_l:] == gt_BL[:, -last_l:]).mean() * 100
+            new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+            return new, m
+
+        return step_fn
+
+    wp_it = _warmup_steps(cfg, setup)
+    stage = functools.partial(prog_stage, pg=cfg.pg, pg0=cfg.pg0, wp_it=wp_it, max_it=setup.total_steps, num_scales=S)
+    # the reference's default: total_epochs / 300 epochs of ramp per stage
+    pgwp_it = cfg.pgwp * setup.steps_per_epoch if cfg.pgwp > 0 else setup.total_steps / 300
+
+    eval_iter = None
+    if cfg.get("eval_every"):
+        eval_iter = pipeline.build_eval_iter(
+            cfg.data,
+            image_size=vae_cfg.image_size,
+            global_batch_size=cfg.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    @jax.jit
+    def eval_batch(params, batch):
+        gt_BL, x = inputs(batch)
+        logits = var.apply({"params": params}, batch["label"], x, train=False)
+        return eval_stats(logits, gt_BL, last_l, batch["mask"])
+
+    def eval_fn(state):
+        from varjax.train.sharding import make_global_batch
+
+        tot = np.zeros(5)
+        for b in eval_iter:
+            b = {k: v for k, v in b.items() if k in ("image", "tokens", "label", "mask")}
+            tot += np.asarray(jax.device_get(eval_batch(state["params"], make_global_batch(b, setup.mesh))))
+        n = max(tot[4], 1)
+        return {"L_mean": tot[0] / n, "L_tail": tot[1] / n, "acc_mean": tot[2] / n, "acc_tail": tot[3] / n}
+
+    task = loop.Task(
+        init_fn=init_fn,
+        step_fn=make_step(-1),
+        eval_fn=eval_fn if eval_iter is not None else None,
+        step_variant=(lambda s: stage(s)) if cfg.pg > 0 else None,
+        step_fn_for=make_step,
+    )
+    task.prog = (stage, pgwp_it)  # used to feed prog_wp with each batch
+    return task
+
+
+def _warmup_steps(cfg, setup) -> float:
+    from varjax.train.config_utils import steps_from
+
+    o = cfg.opt
+    if any(o.get(f"warmup_{k}") for k in ("steps", "epochs", "examples")):
+        return steps_from(o, "warmup", steps_per_epoch=setup.steps_per_epoch, examples_per_step=cfg.batch_size)
+    return o.get("warmup_fraction", 0.02) * setup.total_steps
+
+
+def model_json(cfg, vae_cfg: VQVAEConfig, model_cfg: VARConfig) -> dict:
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "vae": {"config": vae_cfg.to_dict(), "params": {"model_dir": os.path.abspath(cfg.tokenizer_dir)}},
+        "var": {
+            "config": model_cfg.to_dict(),
+            "params": {"checkpoint": "checkpoints", "item": "state", "subtree": ["params"]},
+        },
+    }
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Builds everything from the config and trains; returns the last logged metrics."""
+    tok = load_model_dir(cfg.tokenizer_dir)
+    setup = loop.prepare(cfg, workdir, tok.vae_cfg.image_size)
+    ncls = cfg.model.get("num_classes") or pipeline.num_classes(cfg.data)
+    model_cfg = var_config_from(cfg, tok.vae_cfg, ncls)
+    dtype = jnp.dtype(cfg.model.get("dtype", "float32"))
+    task = build_task(setup, tok.vae_cfg, tok.vae_params, model_cfg, dtype)
+    task.model_json = model_json(cfg, tok.vae_cfg, model_cfg)
+    stage, pgwp_it = task.prog
+    if cfg.pg > 0:
+        setup.train_iter = _with_prog_wp(setup.train_iter, stage, pgwp_it)
+    return loop.train_and_evaluate(setup, task)
+
+
+class _with_prog_wp:
+    """Wraps the data iterator to attach the progressive-training loss weight of the step to each batch."""
+
+    def __init__(self, it, stage, pgwp_it):
+        self._it, self._stage, self._pgwp = it, stage, pgwp_it
+        self.steps_per_epoch = it.steps_per_epoch
+        self._step = 0
+
+    def __next__(self):
+        b = dict(next(self._it))
+        wp = prog_warmup(self._step, self._stage, self._pgwp)
+        b["prog_wp"] = np.full((len(b["label"]),), wp, np.float32)
+        self._step += 1
+        return b
+
+    def state(self):
+        return {**self._it.state(), "step": self._step}
+
+    def restore(self, s):
+        self._step = int(s.get("step", 0))
+        self._it.restore({k: v for k, v in s.items() if k != "step"})
+
+
+def run_cli(argv: list[str]) -> None:
+    from varjax.train.cli_flags import run_with_config
+
+    run_with_config(argv, train, "VAR transformer")
