@@ -1,4 +1,5 @@
-"""Tests for varjax.torch_io: torch zip checkpoints and safetensors, read without torch and without running code.
+"""Tests for varjax.torch_io: torch checkpoints (zip and legacy formats) and safetensors, read without torch
+and without running code.
 
 Malformed and hostile checkpoints are built from hand-written protocol-2 pickle opcodes, so the reader is
 tested on files that neither torch nor the writer under test produced.
@@ -7,6 +8,7 @@ tested on files that neither torch nor the writer under test produced.
 import os
 import pickle
 import pickletools
+import re
 import struct
 import zipfile
 from collections import OrderedDict
@@ -37,9 +39,16 @@ def _ints(values) -> bytes:
     return b"(" + b"".join(_int(v) for v in values) + b"t"  # MARK ... TUPLE
 
 
-def _tensor(storage: str, key: str, numel: int, offset: int, size, stride, metadata: bytes = b"") -> bytes:
-    """`_rebuild_tensor_v2(('storage', torch.<storage>, key, 'cpu', numel), offset, size, stride, ...)`."""
+def _tensor(
+    storage: str, key: str, numel: int, offset: int, size, stride, metadata: bytes = b"", view: bytes | None = None
+) -> bytes:
+    """`_rebuild_tensor_v2(('storage', torch.<storage>, key, 'cpu', numel), offset, size, stride, ...)`.
+
+    With `view` (opcodes of the legacy format's view metadata, e.g. b'N' for None) the persistent id gets
+    that sixth field, as in the legacy format.
+    """
     pid = b"(" + _str("storage") + b"ctorch\n" + storage.encode() + b"\n" + _str(key) + _str("cpu") + _int(numel)
+    pid += b"" if view is None else view
     return (
         b"ctorch._utils\n_rebuild_tensor_v2\n("
         + pid
@@ -71,6 +80,25 @@ def _write_zip(path, data_pkl: bytes, storages: dict, byteorder: bytes | None = 
         for key, raw in storages.items():
             z.writestr(f"{prefix}/data/{key}", raw)
         z.writestr(f"{prefix}/version", b"3\n")
+    return str(path)
+
+
+def _write_legacy(path, obj_pkl: bytes, records: list, header_protocol=2, **replace) -> str:
+    """A legacy (non-zip) torch.save file: magic, protocol version, sys_info, object pickle, storage keys,
+    then per key its element count (8 bytes, little-endian) and raw bytes. `records` is [(key, numel, raw)]
+    in file order; `replace` swaps a header record ('version', 'sys_info', 'keys') for the given bytes.
+    """
+    headers = {
+        "magic": 0x1950A86A20F9469CFC6C,
+        "version": 1001,
+        "sys_info": {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+        "keys": [key for key, _, _ in records],
+    }
+    dumped = {name: replace.get(name, pickle.dumps(v, protocol=header_protocol)) for name, v in headers.items()}
+    with open(path, "wb") as f:
+        f.write(dumped["magic"] + dumped["version"] + dumped["sys_info"] + obj_pkl + dumped["keys"])
+        for _, numel, raw in records:
+            f.write(struct.pack("<q", numel) + raw)
     return str(path)
 
 
@@ -340,6 +368,92 @@ def test_malformed_persistent_id_is_refused(tmp_path):
         load_state_dict(_write_zip(tmp_path / "pid.pth", _pickle(body), {"0": b"\0" * 8}))
 
 
+# ------------------------------------------------------------------------------------ legacy format
+
+
+@pytest.mark.parametrize("header_protocol", [0, 2, 4])  # text LONG, LONG1, and LONG1 inside a FRAME
+def test_legacy_format(tmp_path, header_protocol):
+    floats = np.arange(12, dtype=np.float32)
+    longs = np.array([-(2**40), 7], np.int64)
+    bf16 = np.array([1.5, -2.0, 0.25, 8.0, -1.0, 3.0], ml_dtypes.bfloat16)
+    view = b"(" + _str("view_of_c") + _int(2) + _int(3) + b"t"  # elements 2..4 of storage 'c'
+    body = _dict(
+        {
+            "full": _tensor("FloatStorage", "b", 12, 0, (3, 4), (4, 1), view=b"N"),
+            "transposed": _tensor("FloatStorage", "b", 12, 0, (4, 3), (1, 4), view=b"N"),
+            "offset_view": _tensor("FloatStorage", "b", 12, 5, (2, 3), (4, 1), view=b"N"),
+            "longs": _tensor("LongStorage", "a", 2, 0, (2,), (1,), view=b"N"),
+            "bf16_view": _tensor("BFloat16Storage", "c", 6, 1, (2,), (1,), view=view),
+            "epoch": 3,
+        }
+    )
+    # Records follow the key list ('a', 'b', 'c'), not the order the pickle first uses the storages.
+    records = [("a", 2, longs.tobytes()), ("b", 12, floats.tobytes()), ("c", 6, bf16.view(np.uint16).tobytes())]
+    path = _write_legacy(tmp_path / "old.pth", _pickle(body), records, header_protocol)
+    obj = load_torch_pickle(path)
+    assert obj["epoch"] == 3
+    full = floats.reshape(3, 4)
+    np.testing.assert_array_equal(obj["full"], full)
+    np.testing.assert_array_equal(obj["transposed"], full.T)
+    np.testing.assert_array_equal(obj["offset_view"], full[1:, 1:])
+    assert obj["longs"].dtype == np.int64
+    np.testing.assert_array_equal(obj["longs"], longs)
+    assert obj["bf16_view"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(obj["bf16_view"], bf16[3:5])  # storage view starts at 2, tensor offset 1
+    column = _dict({"w": _tensor("FloatStorage", "b", 12, 2, (3,), (4,), view=b"N")})
+    sd = load_state_dict(_write_legacy(tmp_path / "sd.pth", _pickle(column), records[1:2]))
+    assert list(sd) == ["w"] and sd["w"].flags.writeable
+    np.testing.assert_array_equal(sd["w"], full[:, 2])
+
+
+def test_legacy_format_record_errors(tmp_path):
+    body = _pickle(_dict({"w": _tensor("FloatStorage", "k", 4, 0, (4,), (1,), view=b"N")}))
+    raw = np.ones(4, np.float32).tobytes()
+    cases = {
+        "count.pth": ([("k", 3, raw[:12])], {}, r"storage 'k' holds 3 elements, the pickle expects 4"),
+        "short.pth": ([("k", 4, raw[:10])], {}, r"inside the record of storage 'k'.*truncated"),
+        "lacks.pth": ([], {}, r"key list lacks 'k'"),
+        "extra.pth": ([("k", 4, raw), ("z", 0, b"")], {}, r"names 'z', which the pickle never uses"),
+        "version.pth": ([("k", 4, raw)], {"version": pickle.dumps(1000)}, r"protocol version 1000"),
+        "zip_pid.pth": ([("k", 4, raw)], {}, r"expected \('storage', type, key, location, numel, view_metadata\)"),
+    }
+    for name, (records, replace, message) in cases.items():
+        obj = _pickle(_dict({"w": _w()})) if name == "zip_pid.pth" else body  # a 5-field zip-format id
+        path = _write_legacy(tmp_path / name, obj, records, **replace)
+        with pytest.raises(ValueError, match=re.escape(name) + ".*" + message):
+            load_state_dict(path)
+    ok = load_state_dict(_write_legacy(tmp_path / "ok.pth", body, [("k", 4, raw)]))
+    np.testing.assert_array_equal(ok["w"], np.ones(4))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_legacy_object_pickle_running_code_is_refused(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    obj = pickle.dumps({"w": _Calls(os.system, f"touch {marker}")}, protocol=protocol)
+    path = _write_legacy(tmp_path / "evil.pth", obj, [])
+    with pytest.raises(UnsafeCheckpointError, match=rf"evil\.pth \(object pickle.*'{os.system.__module__}\.system'"):
+        load_state_dict(path)
+    with pytest.raises(UnsafeCheckpointError):
+        load_torch_pickle(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("record", ["sys_info", "version", "keys"])
+def test_legacy_header_running_code_is_refused(tmp_path, record):
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(_Calls(os.system, f"touch {marker}"), protocol=2)
+    body = _pickle(_dict({"w": _tensor("FloatStorage", "k", 2, 0, (2,), (1,), view=b"N")}))
+    path = _write_legacy(tmp_path / "evil.pth", body, [("k", 2, b"\0" * 8)], **{record: evil})
+    refused = rf"evil\.pth \(legacy torch\.save .*header record.*'{os.system.__module__}\.system'"
+    with pytest.raises(UnsafeCheckpointError, match=refused):
+        load_state_dict(path)
+    assert not marker.exists()
+    # The header unpickler allows no global at all, not even the state-dict ones.
+    od = pickle.dumps(OrderedDict(a=1), protocol=2)
+    with pytest.raises(UnsafeCheckpointError, match=r"'collections\.OrderedDict'"):
+        load_state_dict(_write_legacy(tmp_path / "od.pth", body, [("k", 2, b"\0" * 8)], sys_info=od))
+
+
 # ------------------------------------------------------------------------------------- safetensors
 
 
@@ -438,13 +552,6 @@ def test_zip_without_data_pkl(tmp_path):
     path = tmp_path / "arrays.npz"
     np.savez(path, a=np.zeros(3))
     with pytest.raises(ValueError, match=r"arrays\.npz: zip archive has no '<archive>/data\.pkl'.*'a\.npy'"):
-        load_state_dict(path)
-
-
-def test_legacy_format_is_refused(tmp_path):
-    path = tmp_path / "old.pth"
-    path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps({"a": 1}, protocol=2))
-    with pytest.raises(ValueError, match=r"old\.pth: .*legacy.*only the zip format"):
         load_state_dict(path)
 
 

@@ -44,6 +44,38 @@ def _load_config(name: str, overrides: list[str], prefix: str):
     return cfg
 
 
+def tokenize_train_split(var_cfg, tokenizer_dir: str, out: str) -> str:
+    """Writes a token cache of the training split (centre crops, i.e. exactly the training inputs when the
+    config has no crop jitter or flips) so VAR training does not run the encoder at every step."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from varjax.ckpt import load_model_dir
+    from varjax.data import pipeline
+    from varjax.models.vqvae import VQVAE
+
+    if (Path(out) / "tokens.npy").is_file():
+        return out
+    if var_cfg.data.hflip or var_cfg.data.mid_reso != 1.0:
+        raise SystemExit("error: the token cache holds centre crops; set --var.data.mid_reso=1.0 and no hflip")
+    b = load_model_dir(tokenizer_dir)
+    model = VQVAE(b.vae_cfg)
+    enc = jax.jit(lambda p, x: jnp.concatenate(model.apply({"params": p}, x, method=VQVAE.img_to_idx), axis=1))
+    data = var_cfg.data.copy_and_resolve_references()
+    data.eval_split = data.train_split
+    tokens, labels = [], []
+    for batch in pipeline.build_eval_iter(
+        data, image_size=b.vae_cfg.image_size, global_batch_size=256, process_index=0, process_count=1
+    ):
+        keep = batch["mask"] > 0
+        tokens.append(np.asarray(enc(b.vae_params, batch["image"]))[keep])
+        labels.append(batch["label"][keep])
+    pipeline.write_token_cache(out, np.concatenate(tokens), np.concatenate(labels))
+    print(f"[main] token cache of {sum(len(t) for t in tokens)} training images written to {out}", flush=True)
+    return out
+
+
 def run(workdir: str, tok_overrides: list[str], var_overrides: list[str], per_class: int = 8) -> dict:
     from varjax import evaluate
     from varjax.train import tok_trainer, var_trainer
@@ -55,6 +87,8 @@ def run(workdir: str, tok_overrides: list[str], var_overrides: list[str], per_cl
     var_cfg.tokenizer_dir = str((wd / "tokenizer").resolve())
     print("[main] 1/3 training the tokenizer", flush=True)
     tok_trainer.train(tok_cfg, str(wd / "tokenizer"))
+    if not var_cfg.data.tokens_cache:
+        var_cfg.data.tokens_cache = tokenize_train_split(var_cfg, str(wd / "tokenizer"), str(wd / "tokens_train"))
     print(f"[main] 2/3 training VAR ({time.time() - t0:.0f}s so far)", flush=True)
     var_trainer.train(var_cfg, str(wd / "var"))
     print(f"[main] 3/3 sampling and evaluating ({time.time() - t0:.0f}s so far)", flush=True)

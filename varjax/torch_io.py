@@ -161,11 +161,15 @@ class _TorchDtype(_Inert):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _StorageRef(_Inert):
-    """One storage of the archive: member `data/<key>` holding `nbytes` bytes of `dtype` (None: untyped)."""
+    """One storage of the file: `nbytes` bytes of `dtype` (None: untyped) from byte `start` of record `key`.
+
+    `start` is 0 except for the storage views of the legacy format (a window of a larger root storage).
+    """
 
     key: str
     dtype: np.dtype | None
     nbytes: int
+    start: int = 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -249,15 +253,25 @@ _ALLOWED_GLOBALS = _allowed_globals()
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading the zip archive.
+# Unpicklers.
+
+_REFUSED_GLOBAL_HINT = (
+    "Unpickling it could run arbitrary code, so nothing from the file was executed. If you trust the file, "
+    "load it with torch.load(..., weights_only=False) and re-save only the tensors with "
+    "torch.save(model.state_dict(), path)."
+)
 
 
 class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles `data.pkl` into containers, scalars and `_TensorRecord`s; refuses every other global."""
+    """Unpickles a state-dict pickle into containers, scalars and `_TensorRecord`s; refuses every other global.
 
-    def __init__(self, data: bytes, archive: _TorchArchive):
-        super().__init__(io.BytesIO(data))
-        self._archive = archive
+    Storage persistent ids are handed to `source.storage_ref`, which knows where the bytes are.
+    """
+
+    def __init__(self, file: Any, source: _TorchSource):
+        # encoding: how str values pickled by Python 2 are decoded (torch.load uses utf-8 as well).
+        super().__init__(file, encoding="utf-8")
+        self._source = source
 
     def find_class(self, module: str, name: str) -> Any:
         # Every way a pickle reaches a global (GLOBAL, STACK_GLOBAL, INST, EXT*) goes through here.
@@ -266,26 +280,114 @@ class _StateDictUnpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(
                 f"refused to load: the pickle asks for the global '{module}.{name}', which "
                 "is not one of the tensor-rebuild functions, storage types or collections.OrderedDict a "
-                "state dict of tensors needs. Unpickling it could run arbitrary code, so nothing from the "
-                "file was executed. If you trust the file, load it with torch.load(..., weights_only=False) "
-                "and re-save only the tensors with torch.save(model.state_dict(), path)."
+                f"state dict of tensors needs. {_REFUSED_GLOBAL_HINT}"
             )
         return allowed
 
     def persistent_load(self, pid: Any) -> _StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise ValueError(f"unsupported persistent id {pid!r}; expected ('storage', type, key, location, numel)")
-        _, storage_type, key, location, numel = pid
+        legacy = self._source.legacy
+        fields = "('storage', type, key, location, numel" + (", view_metadata)" if legacy else ")")
+        if not (isinstance(pid, tuple) and len(pid) == (6 if legacy else 5) and pid[0] == "storage"):
+            raise ValueError(f"unsupported persistent id {pid!r}; expected {fields}")
+        _, storage_type, key, location, numel = pid[:5]
         if not isinstance(storage_type, _StorageType):
             raise ValueError(f"persistent id {pid!r} does not name a storage type")
         if not isinstance(key, str) or not isinstance(location, str) or not isinstance(numel, int) or numel < 0:
             raise ValueError(f"malformed storage persistent id {pid!r}")
-        itemsize = 1 if storage_type.dtype is None else storage_type.dtype.itemsize
-        return self._archive.storage_ref(key, storage_type.dtype, numel * itemsize)
+        return self._source.storage_ref(key, storage_type.dtype, numel, pid[5] if legacy else None)
 
 
-class _TorchArchive:
+class _HeaderUnpickler(pickle.Unpickler):
+    """Unpickles the plain header records of the legacy format (ints, dicts, lists, strings); no globals."""
+
+    def __init__(self, file: Any):
+        super().__init__(file, encoding="utf-8")
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise UnsafeCheckpointError(
+            f"refused to load: a header record, which holds only numbers, strings, lists and dicts, asks for "
+            f"the global '{module}.{name}'. {_REFUSED_GLOBAL_HINT}"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ValueError(f"unexpected persistent id {pid!r} in a header record")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading torch.save files.
+
+
+def _itemsize(dtype: np.dtype | None) -> int:
+    return 1 if dtype is None else dtype.itemsize
+
+
+class _TorchSource:
+    """An open `torch.save` file: unpickles its object and reads byte windows of its storages.
+
+    Subclasses set `path`, `big_endian`, `legacy` and implement `unpickle`, `storage_ref`, `read_window`
+    and `close`.
+    """
+
+    path: str
+    big_endian: bool
+    legacy: bool
+
+    def unpickle(self) -> Any:
+        """The pickled object, with tensors as `_TensorRecord`s (no storage bytes are read)."""
+        raise NotImplementedError
+
+    def storage_ref(self, key: str, dtype: np.dtype | None, numel: int, view: Any) -> _StorageRef:
+        """The storage a persistent id names (`view`: the legacy view metadata, None for a whole storage)."""
+        raise NotImplementedError
+
+    def read_window(self, key: str, start: int, length: int) -> bytearray:
+        """Bytes [start, start + length) of storage record `key`, read without loading the whole record."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> _TorchSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load_pickle(self, file: Any, source: str) -> Any:
+        """Runs the restricted unpickler on `file`; every failure names `source`."""
+        try:
+            return _StateDictUnpickler(file, self).load()
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(f"{source}: {e}") from None
+        except Exception as e:  # a malformed pickle can fail in many ways; report them all the same way
+            raise ValueError(f"{source}: not a valid state-dict pickle: {type(e).__name__}: {e}") from e
+
+    def materialize(self, record: _TensorRecord) -> np.ndarray:
+        """The tensor as a C-contiguous, writable, little-endian array that owns no shared memory."""
+        dtype, shape = record.dtype, record.shape
+        if 0 in shape:
+            return np.zeros(shape, dtype)
+        extent = 1 + sum((n - 1) * s for n, s in zip(shape, record.stride, strict=True))
+        start, length = record.offset * dtype.itemsize, extent * dtype.itemsize
+        if start + length > record.storage.nbytes:
+            # Checked before any strided view: as_strided past the buffer would read foreign memory.
+            raise ValueError(
+                f"{self.path}: tensor (offset {record.offset}, size {shape}, stride {record.stride}) reaches "
+                f"byte {start + length} of storage {record.storage.key!r}, which has {record.storage.nbytes}"
+            )
+        window = self.read_window(record.storage.key, record.storage.start + start, length)
+        array = _strided_copy(_array_from_bytes(window, dtype, self.big_endian), shape, record.stride)
+        if record.conj:  # torch's lazy conjugate/negative bits: the stored values are pre-transform
+            np.conjugate(array, out=array)
+        if record.neg:
+            np.negative(array, out=array)
+        return array
+
+
+class _TorchArchive(_TorchSource):
     """An open `torch.save` zip archive: locates its records and reads byte windows of its storages."""
+
+    legacy = False
 
     def __init__(self, path: PathLike):
         self.path = os.fspath(path)
@@ -304,12 +406,6 @@ class _TorchArchive:
     def close(self) -> None:
         self._zip.close()
         self._file.close()
-
-    def __enter__(self) -> _TorchArchive:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _find_prefix(self) -> str:
         names = self._zip.namelist()
@@ -334,18 +430,12 @@ class _TorchArchive:
         return order
 
     def unpickle(self) -> Any:
-        """The object of `data.pkl`, with tensors as `_TensorRecord`s (no storage bytes are read)."""
         member = f"{self.prefix}/data.pkl"
-        source = f"{self.path} ({member})"
-        try:
-            return _StateDictUnpickler(self._zip.read(member), self).load()
-        except UnsafeCheckpointError as e:
-            raise UnsafeCheckpointError(f"{source}: {e}") from None
-        except Exception as e:  # a malformed pickle can fail in many ways; report them all the same way
-            raise ValueError(f"{source}: not a valid state-dict pickle: {type(e).__name__}: {e}") from e
+        return self._load_pickle(io.BytesIO(self._zip.read(member)), f"{self.path} ({member})")
 
-    def storage_ref(self, key: str, dtype: np.dtype | None, nbytes: int) -> _StorageRef:
-        name = f"{self.prefix}/data/{key}"
+    def storage_ref(self, key: str, dtype: np.dtype | None, numel: int, view: Any) -> _StorageRef:
+        del view  # the zip format has no storage views
+        name, nbytes = f"{self.prefix}/data/{key}", numel * _itemsize(dtype)
         try:
             info = self._zip.getinfo(name)
         except KeyError:
@@ -355,7 +445,6 @@ class _TorchArchive:
         return _StorageRef(key, dtype, nbytes)
 
     def read_window(self, key: str, start: int, length: int) -> bytearray:
-        """Bytes [start, start + length) of storage `key`, read without loading the whole record."""
         info = self._zip.getinfo(f"{self.prefix}/data/{key}")
         buf = bytearray(length)
         if info.compress_type == zipfile.ZIP_STORED:  # torch writes stored records: seek straight to them
@@ -373,26 +462,119 @@ class _TorchArchive:
             raise ValueError(f"{self.path}: storage {info.filename!r} ended early ({got} of {length} bytes)")
         return buf
 
-    def materialize(self, record: _TensorRecord) -> np.ndarray:
-        """The tensor as a C-contiguous, writable, little-endian array that owns no shared memory."""
-        dtype, shape = record.dtype, record.shape
-        if 0 in shape:
-            return np.zeros(shape, dtype)
-        extent = 1 + sum((n - 1) * s for n, s in zip(shape, record.stride, strict=True))
-        start, length = record.offset * dtype.itemsize, extent * dtype.itemsize
-        if start + length > record.storage.nbytes:
-            # Checked before any strided view: as_strided past the buffer would read foreign memory.
+
+class _LegacyTorchFile(_TorchSource):
+    """An open legacy (pre-1.6, non-zip) `torch.save` file.
+
+    The storage records follow the pickles, so where each one starts is known only after the object pickle
+    (which gives each storage's dtype, hence its record length) and the key list have been read.
+    """
+
+    legacy = True
+    big_endian = False  # torch writes the storages of this format little-endian on every machine
+
+    def __init__(self, path: PathLike):
+        self.path = os.fspath(path)
+        self._file = open(self.path, "rb")
+        self._storages: dict[str, tuple[np.dtype | None, int]] = {}  # key -> (dtype, numel) from the pickle
+        self._records: dict[str, int] = {}  # key -> file offset of its bytes, once located
+        try:
+            self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _header_record(self, what: str) -> Any:
+        try:
+            return _HeaderUnpickler(self._file).load()
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(f"{self.path} (legacy torch.save {what}): {e}") from None
+        except Exception as e:
             raise ValueError(
-                f"{self.path}: tensor (offset {record.offset}, size {shape}, stride {record.stride}) reaches "
-                f"byte {start + length} of storage {record.storage.key!r}, which has {record.storage.nbytes}"
+                f"{self.path}: the {what} of this legacy (pre-1.6) torch.save file is not a valid pickle: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+
+    def _read_header(self) -> None:
+        magic = self._header_record("magic number")
+        if magic != _LEGACY_MAGIC_NUMBER or type(magic) is not int:
+            raise ValueError(f"{self.path}: starts with {magic!r}, not the magic number of a torch.save file")
+        version = self._header_record("protocol version")
+        if version != _LEGACY_PROTOCOL_VERSION or type(version) is not int:
+            raise ValueError(
+                f"{self.path}: legacy torch.save protocol version {version!r}; only "
+                f"{_LEGACY_PROTOCOL_VERSION} (the one every torch version wrote) is supported"
             )
-        flat = _array_from_bytes(self.read_window(record.storage.key, start, length), dtype, self.big_endian)
-        array = _strided_copy(flat, shape, record.stride)
-        if record.conj:  # torch's lazy conjugate/negative bits: the stored values are pre-transform
-            np.conjugate(array, out=array)
-        if record.neg:
-            np.negative(array, out=array)
-        return array
+        sys_info = self._header_record("sys_info record")
+        if not isinstance(sys_info, dict):
+            raise ValueError(f"{self.path}: the legacy sys_info record is a {_describe(sys_info)}, not a dict")
+
+    def unpickle(self) -> Any:
+        obj = self._load_pickle(self._file, f"{self.path} (object pickle of the legacy torch.save format)")
+        keys = self._header_record("storage key list")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+            raise ValueError(f"{self.path}: the legacy storage key list is not a list of distinct strings")
+        self._locate_records(keys)
+        return obj
+
+    def storage_ref(self, key: str, dtype: np.dtype | None, numel: int, view: Any) -> _StorageRef:
+        known = self._storages.setdefault(key, (dtype, numel))
+        if known != (dtype, numel):
+            raise ValueError(
+                f"storage {key!r} is described twice, as {known[1]} elements of {known[0]} and as {numel} of {dtype}"
+            )
+        itemsize = _itemsize(dtype)
+        if view is None:
+            return _StorageRef(key, dtype, numel * itemsize)
+        # A view of the root storage `key`: (view key, offset, size), counted in elements.
+        if not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)) or not all(
+            isinstance(v, int) and v >= 0 for v in view[1:]
+        ):
+            raise ValueError(f"malformed storage view metadata {view!r}; expected (key, offset, size)")
+        _, offset, size = view
+        if offset + size > numel:
+            raise ValueError(f"storage view {view!r} reaches past the {numel} elements of storage {key!r}")
+        return _StorageRef(key, dtype, size * itemsize, offset * itemsize)
+
+    def _locate_records(self, keys: list[str]) -> None:
+        """Finds each storage's bytes: the records follow the key list, one per key, in its order."""
+        listed = set(keys)
+        missing = [k for k in self._storages if k not in listed]
+        if missing:
+            raise ValueError(f"{self.path}: the storage key list lacks {_preview(missing)}, used by the pickle")
+        position, file_size = self._file.tell(), os.fstat(self._file.fileno()).st_size
+        for key in keys:
+            if key not in self._storages:
+                raise ValueError(f"{self.path}: the storage key list names {key!r}, which the pickle never uses")
+            dtype, numel = self._storages[key]
+            self._file.seek(position)
+            head = self._file.read(8)
+            if len(head) != 8:
+                raise ValueError(f"{self.path}: file ends at byte {file_size}, before the record of storage {key!r}")
+            count = int.from_bytes(head, "little", signed=True)
+            if count != numel:
+                raise ValueError(
+                    f"{self.path}: the record of storage {key!r} holds {count} elements, the pickle expects {numel}"
+                )
+            end = position + 8 + count * _itemsize(dtype)
+            if end > file_size:
+                raise ValueError(
+                    f"{self.path}: file ends at byte {file_size}, inside the record of storage {key!r} (which "
+                    f"ends at byte {end}); the file is truncated"
+                )
+            self._records[key] = position + 8
+            position = end
+
+    def read_window(self, key: str, start: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self._file.seek(self._records[key] + start)
+        got = self._file.readinto(buf)
+        if got != length:  # the file shrank after it was opened
+            raise ValueError(f"{self.path}: storage {key!r} ended early ({got} of {length} bytes)")
+        return buf
 
 
 def _array_from_bytes(buf: bytearray, dtype: np.dtype, big_endian: bool) -> np.ndarray:
@@ -441,27 +623,29 @@ class _SafetensorsEntry:
 
 
 def _sniff_format(path: str) -> str:
-    """'torch_zip' or 'safetensors', judged by the first bytes; any other content raises ValueError."""
+    """'torch_zip', 'torch_legacy' or 'safetensors', judged by the first bytes; other content raises ValueError."""
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(32)
         f.seek(0, os.SEEK_END)
         size = f.tell()
     if head[:4] in _ZIP_MAGICS:
         return "torch_zip"
-    if head.startswith(_LEGACY_TORCH_MAGIC):
-        raise ValueError(
-            f"{path}: this is a legacy (pre-1.6, non-zip) torch.save file; only the zip format that torch "
-            "has written by default since 1.6 is supported. Re-save it with a recent torch: "
-            "torch.save(torch.load(path), new_path)."
-        )
+    # PROTO, maybe a 9-byte FRAME, then the magic number; or a protocol-0/1 pickle spelling it as text.
+    if (head[:1] == b"\x80" and _LEGACY_MAGIC_LONG1 in head[:24]) or head.startswith(_LEGACY_MAGIC_TEXT):
+        return "torch_legacy"
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 8 + header_len <= size:
             return "safetensors"
     raise ValueError(
-        f"{path}: unrecognized checkpoint format (first bytes {head[:8]!r}); expected a torch.save zip "
-        "archive (.pth/.pt/.bin, starting with 'PK') or a .safetensors file (8-byte header length + JSON)."
+        f"{path}: unrecognized checkpoint format (first bytes {head[:8]!r}); expected a torch.save file "
+        "(.pth/.pt/.bin: a zip archive starting with 'PK', or the legacy pre-1.6 format starting with a "
+        "pickled magic number) or a .safetensors file (8-byte header length + JSON)."
     )
+
+
+def _open_torch(path: str, fmt: str) -> _TorchSource:
+    return _LegacyTorchFile(path) if fmt == "torch_legacy" else _TorchArchive(path)
 
 
 def _safetensors_error(path: str, e: Exception) -> ValueError:
@@ -604,7 +788,7 @@ def _select_state_dict(tree: Any, key: str | None, path: str) -> dict[str, _Leaf
 # Public readers.
 
 
-def _materialize_tree(tree: Any, archive: _TorchArchive, source: str) -> Any:
+def _materialize_tree(tree: Any, archive: _TorchSource, source: str) -> Any:
     """Replaces every `_TensorRecord` in nested dicts/lists/tuples by its array (dicts and lists in place)."""
     done: dict[int, Any] = {}  # by id: shared and self-referencing containers are converted once
 
@@ -629,32 +813,33 @@ def _materialize_tree(tree: Any, archive: _TorchArchive, source: str) -> Any:
 
 
 def load_torch_pickle(path: PathLike) -> Any:
-    """Loads a `torch.save` zip file without torch and without running code from it.
+    """Loads a `torch.save` file without torch and without running code from it.
 
     Args:
-      path: a `.pth`/`.pt`/`.bin` file in the zip format (torch >= 1.6).
+      path: a `.pth`/`.pt`/`.bin` file in the zip format (torch >= 1.6) or the legacy format before it.
     Returns:
       The pickled object with every tensor as a C-contiguous little-endian `np.ndarray` of the tensor's
       dtype (bfloat16 and float8 as `ml_dtypes` types); dicts (incl. OrderedDict), lists and tuples are kept.
     Raises:
       UnsafeCheckpointError: the pickle names a global outside the state-dict allow-list.
-      ValueError: the file is not a torch zip checkpoint, or it is malformed.
+      ValueError: the file is not a torch checkpoint, or it is malformed.
     """
     path = os.fspath(path)
-    if _sniff_format(path) != "torch_zip":
+    fmt = _sniff_format(path)
+    if fmt == "safetensors":
         raise ValueError(f"{path}: is a safetensors file, not a torch pickle; use load_state_dict.")
-    with _TorchArchive(path) as archive:
+    with _open_torch(path, fmt) as archive:
         return _materialize_tree(archive.unpickle(), archive, path)
 
 
 def load_state_dict(path: PathLike, key: str | None = None) -> dict[str, np.ndarray]:
-    """Loads a flat {name: array} state dict from a torch zip checkpoint or a safetensors file.
+    """Loads a flat {name: array} state dict from a torch checkpoint or a safetensors file.
 
-    The format is judged by content (zip magic or safetensors header), not by extension. Only the tensors
-    of the selected state dict are read.
+    The format is judged by content (zip magic, legacy torch magic number or safetensors header), not by
+    extension. Only the tensors of the selected state dict are read.
 
     Args:
-      path: `.pth`/`.pt`/`.bin` (torch zip format) or `.safetensors` file.
+      path: `.pth`/`.pt`/`.bin` (torch zip format, or the legacy format before torch 1.6) or `.safetensors`.
       key: dotted path of the state dict inside the file, e.g. 'model' or 'trainer.var_wo_ddp'. Inside a
         flat state dict the remaining path is a key prefix that is stripped ('vae' turns 'vae.x' into 'x').
         Without it: the top-level dict if it holds only tensors, else its single nested dict of tensors
@@ -666,9 +851,10 @@ def load_state_dict(path: PathLike, key: str | None = None) -> dict[str, np.ndar
       ValueError: unknown format, malformed file, no such key, ambiguous choice, or non-tensor entries.
     """
     path = os.fspath(path)
-    if _sniff_format(path) == "safetensors":
+    fmt = _sniff_format(path)
+    if fmt == "safetensors":
         return _load_safetensors(path, key)
-    with _TorchArchive(path) as archive:
+    with _open_torch(path, fmt) as archive:
         chosen = _select_state_dict(archive.unpickle(), key, path)
         return {name: archive.materialize(record) for name, record in chosen.items()}
 

@@ -35,6 +35,8 @@ def base_run() -> ml_collections.ConfigDict:
     c.eval_every = 0
     c.progress_every_s = 10.0
     c.data = pipeline.default_config()
+    for k in ("data_dir", "manual_dir", "folder", "tokens_cache"):  # typed, so `--config.data.<k>=...` works
+        c.data[k] = ml_collections.FieldReference(c.data.get(k), field_type=str)
     c.opt = optim.default_config()
     return c
 
