@@ -1,0 +1,99 @@
+"""Sampler semantics: top-k / top-p filtering as the reference, one compiled program, a d16-sized model on CPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from varjax.models.var import VAR, VARConfig
+from varjax.models.vqvae import PATCH_NUMS_256, VQVAE, VQVAEConfig
+from varjax.sample import SampleOptions, keep_masks, make_sampler, top_k_top_p_filter
+
+
+def reference_filter(logits, top_k, top_p):
+    """The reference's sample_with_top_k_top_p_ masking, written out in numpy."""
+    out = logits.copy()
+    if top_k > 0:
+        kth = np.sort(out, axis=-1)[..., -top_k][..., None]
+        out[out < kth] = -np.inf
+    if top_p > 0:
+        order = np.argsort(out, axis=-1, kind="stable")
+        srt = np.take_along_axis(out, order, -1)
+        p = np.exp(srt - srt.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        remove = np.cumsum(p, -1) <= 1 - top_p
+        remove[..., -1] = False
+        mask = np.zeros_like(remove)
+        np.put_along_axis(mask, order, remove, -1)
+        out[mask] = -np.inf
+    return out
+
+
+def test_top_k_top_p_match_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 50)).astype(np.float32) * 3
+    for k, p in [(0, 0.0), (1, 0.0), (7, 0.0), (0, 0.5), (0, 0.96), (10, 0.8), (50, 0.3)]:
+        got = np.asarray(top_k_top_p_filter(jnp.asarray(logits), k, p))
+        want = reference_filter(logits, k, p)
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=f"top_k={k} top_p={p}")
+        assert np.isfinite(got).sum(-1).min() >= 1
+
+
+def test_keep_masks_force_tiny_scales_and_threshold():
+    keep = jnp.zeros((1, 8, 8)).at[:, :4].set(1.0)  # keep the top half
+    masks = keep_masks(keep, (1, 2, 4, 8))
+    assert masks[0].all()  # a scale of <= 3 tokens always keeps the input
+    np.testing.assert_array_equal(np.asarray(masks[1]).reshape(2, 2), [[True, True], [False, False]])
+    m8 = np.asarray(masks[3]).reshape(8, 8)
+    assert m8[:4].all() and not m8[4:].any()
+
+
+def tiny_vae_cfg(patch_nums=PATCH_NUMS_256, vocab=4096):
+    return VQVAEConfig(
+        vocab_size=vocab,
+        z_channels=32,
+        ch=8,
+        ch_mult=(1, 1, 1, 1, 1),
+        num_res_blocks=1,
+        using_sa=False,
+        using_mid_sa=False,
+        num_groups=8,
+        patch_nums=patch_nums,
+    )
+
+
+def init_params(model, *args, method):
+    return model.init(jax.random.PRNGKey(0), *args, method=method)["params"]
+
+
+def test_d16_sized_sampling_is_one_compiled_program():
+    # The transformer has the released d16 shape (310M parameters, 10 scales, 4096 codes); the tokenizer is
+    # narrow to keep the test fast, since it is not what this test is about.
+    var_cfg = VARConfig.official(16, num_classes=1000)
+    vae_cfg = tiny_vae_cfg()
+    var_params = jax.jit(
+        lambda: flax_unbox(
+            init_params(
+                VAR(var_cfg), jnp.zeros((1,), jnp.int32), jnp.zeros((1, var_cfg.L - 1, 32)), method=VAR.init_all
+            )
+        )
+    )()
+    n = sum(x.size for x in jax.tree.leaves(var_params))
+    assert n == 310_283_520
+    vae_params = init_params(VQVAE(vae_cfg), jnp.zeros((1, 256, 256, 3)), method=VQVAE.init_all)
+    sampler = make_sampler(vae_cfg, var_cfg, SampleOptions(cfg=1.5, top_k=900, top_p=0.96))
+    labels = jnp.asarray([1, 980], jnp.int32)
+    hlo = sampler.lower(vae_params, var_params, labels, jax.random.PRNGKey(0)).as_text()
+    assert hlo.count("func.func public @main") == 1  # the whole generation is one program
+    img, tokens = sampler(vae_params, var_params, labels, jax.random.PRNGKey(0))
+    img2, tokens2 = sampler(vae_params, var_params, labels, jax.random.PRNGKey(1))
+    assert sampler._cache_size() == 1  # the second call reused the one compiled program
+    assert img.shape == (2, 256, 256, 3) and tokens.shape == (2, 680)
+    assert float(img.min()) >= 0 and float(img.max()) <= 1
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < 4096
+    assert (np.asarray(tokens) != np.asarray(tokens2)).any()  # a different seed samples differently
+
+
+def flax_unbox(tree):
+    from flax.core import meta
+
+    return meta.unbox(tree)
