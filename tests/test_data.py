@@ -175,6 +175,28 @@ def test_process_shards_are_disjoint_and_cover_the_split(data_dir):
     assert parts[0] | parts[1] == stored
 
 
+def test_global_batches_do_not_depend_on_the_process_count(data_dir):
+    cfg = exact_cfg(data_dir)
+    cfg.num_shards = 2
+    one = pipeline.build_train_iter(cfg, image_size=SIZE, global_batch_size=8, process_index=0, process_count=1,
+                                    seed=3)
+    two = [pipeline.build_train_iter(cfg, image_size=SIZE, global_batch_size=8, process_index=p, process_count=2,
+                                     seed=3) for p in range(2)]
+    for _ in range(one.steps_per_epoch + 2):  # across an epoch boundary
+        whole, halves = next(one), [next(t) for t in two]
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
+    state = one.state()
+    assert state == two[0].state()
+    resumed = pipeline.build_train_iter(cfg, image_size=SIZE, global_batch_size=8, process_index=0,
+                                        process_count=1, seed=3)
+    resumed.restore(state)
+    assert_same_batches([next(resumed)], [next(one)])
+    cfg.num_shards = 3
+    with pytest.raises(ValueError, match="num_shards"):
+        pipeline.build_train_iter(cfg, image_size=SIZE, global_batch_size=6, process_index=0, process_count=2, seed=0)
+
+
 def test_epochs_are_reshuffled_and_seeded(data_dir):
     cfg = exact_cfg(data_dir)
 

@@ -242,7 +242,10 @@ def main(argv: list[str] | None = None) -> None:
         import importlib
 
         module = importlib.import_module(TRAINING_COMMANDS[argv[0]])
-        module.run_cli([f"varjax {argv[0]}"] + argv[1:])
+        try:
+            module.run_cli([f"varjax {argv[0]}"] + argv[1:])
+        except (ValueError, FileNotFoundError) as e:  # bad config or input: the message says what to change
+            raise SystemExit(f"error: {e}") from None
         return
     args = build_parser().parse_args(argv)
     try:

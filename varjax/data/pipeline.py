@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
         "shuffle_buffer": 10_000,  # examples; a buffer >= the shard size gives a uniform shuffle
         "cache": False,  # keep the encoded TFDS records in memory (small datasets)
         "tokens_cache": None,  # directory written by write_token_cache; training then yields tokens
+        "num_shards": 0,  # data shards of the training split (0: one per process); see build_train_iter
     })
 
 
@@ -386,6 +387,62 @@ def _steps_per_epoch(shard_sizes: tuple[int, ...], batch_size: int, what: str) -
 
 
 def build_train_iter(
+    cfg: ml_collections.ConfigDict,
+    *,
+    image_size: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+) -> DataIterator:
+    """Training batches of this process; with ``cfg.num_shards`` = S (a multiple of the process count), the
+    data is split into S shards and each process concatenates its S / process_count shards' batches in order.
+
+    The global batch then depends only on S and the seed, not on how many processes load it: one process
+    with S = 2 sees exactly the batches two processes with S = 2 feed together, and a run can resume on
+    another number of hosts. The default S = process_count is the plain per-process split.
+    """
+    shards = int(_field(cfg, "num_shards") or 0) or process_count
+    if shards % process_count:
+        raise ValueError(
+            f"data pipeline: config.data.num_shards={shards} must be a multiple of the number of processes "
+            f"({process_count})."
+        )
+    k = shards // process_count
+    if k == 1:
+        return _build_shard_iter(cfg, image_size=image_size, global_batch_size=global_batch_size,
+                                 process_index=process_index, process_count=process_count, seed=seed)
+    parts = [
+        _build_shard_iter(cfg, image_size=image_size, global_batch_size=global_batch_size,
+                          process_index=process_index * k + j, process_count=shards, seed=seed)
+        for j in range(k)
+    ]
+    return _ConcatIterator(parts)
+
+
+class _ConcatIterator:
+    """Several shard iterators advanced in lockstep; batches are concatenated along the batch axis."""
+
+    def __init__(self, parts: list[DataIterator]):
+        self._parts = parts
+        self.steps_per_epoch = parts[0].steps_per_epoch
+
+    def __iter__(self) -> _ConcatIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        batches = [next(p) for p in self._parts]
+        return {key: np.concatenate([b[key] for b in batches], axis=0) for key in batches[0]}
+
+    def state(self) -> dict[str, int]:
+        return self._parts[0].state()  # every part is at the same epoch and position
+
+    def restore(self, state: dict[str, int]) -> None:
+        for p in self._parts:
+            p.restore(state)
+
+
+def _build_shard_iter(
     cfg: ml_collections.ConfigDict,
     *,
     image_size: int,

@@ -15,7 +15,12 @@ def run_with_config(argv: list[str], fn: Callable, what: str, *, needs_workdir: 
     """Parses ``--config FILE[:args] --workdir DIR [--config.x=y ...]`` and calls ``fn(config, workdir)``."""
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
-        "config", None, f"{what} config file (e.g. configs/<file>.py[:args])", flag_values=fv, lock_config=True
+        "config",
+        None,
+        f"{what} config file (e.g. configs/<file>.py[:args])",
+        flag_values=fv,
+        lock_config=True,
+        sys_argv=argv,
     )
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics.jsonl, TensorBoard)", flag_values=fv)
     try:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from varjax.ckpt import FORMAT, load_model_dir
+from varjax.ckpt import FORMAT, load_model_dir, read_model_json
 from varjax.data import pipeline
 from varjax.models.var import VAR, VARConfig
 from varjax.models.vqvae import VQVAE, VQVAEConfig, split_scales
@@ -223,8 +223,12 @@ def model_json(cfg, vae_cfg: VQVAEConfig, model_cfg: VARConfig) -> dict:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Builds everything from the config and trains; returns the last logged metrics."""
+    meta = read_model_json(cfg.tokenizer_dir)
+    if meta.get("vae") is None:
+        load_model_dir(cfg.tokenizer_dir)  # raises the explanatory error
+    # prepare() starts jax.distributed, which must come before any JAX call (loading parameters is one)
+    setup = loop.prepare(cfg, workdir, VQVAEConfig.from_dict(meta["vae"]["config"]).image_size)
     tok = load_model_dir(cfg.tokenizer_dir)
-    setup = loop.prepare(cfg, workdir, tok.vae_cfg.image_size)
     ncls = cfg.model.get("num_classes") or pipeline.num_classes(cfg.data)
     model_cfg = var_config_from(cfg, tok.vae_cfg, ncls)
     dtype = jnp.dtype(cfg.model.get("dtype", "float32"))

@@ -1,0 +1,39 @@
+"""VAR-d24 on ImageNet 256px, the official recipe.
+
+    varjax train --config configs/var_d24.py --workdir runs/var_d24 \
+        --config.tokenizer_dir=runs/tok_vae_ch160v4096z32
+
+The tokenizer is the released ``vae_ch160v4096z32`` converted once with::
+
+    varjax convert --vae vae_ch160v4096z32.pth --out runs/tok_vae_ch160v4096z32
+
+Official hyper-parameters: batch 768, 350 epochs, tblr 8e-05, alng 0.0001, wpe 0.01; bfloat16, lin0 schedule,
+twd 0.05, tclip 2.0, no label smoothing, class dropout 0.1 (the defaults of ``var_run``).
+``configs/var_d24.py:runlocal`` is a few-step smoke test of the same model on the embedded shapes data
+(still needs an official-shaped tokenizer directory).
+"""
+
+from varjax.train.config_base import var_run
+from varjax.train.config_utils import parse_arg
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, runlocal=False)
+    c = var_run(24)
+    c.tokenizer_dir = "runs/tok_vae_ch160v4096z32"
+    c.batch_size = 768
+    c.total_epochs = 350.0
+    c.tblr = 8e-05
+    c.model.init_adaln_gamma = 0.0001
+    c.opt.wpe = 0.01
+    c.data.name = "imagenet2012"
+    c.data.eval_split = "validation"
+    if a.runlocal:
+        c.data.name = "varjax_shapes/tiny"
+        c.data.eval_split = "test"
+        c.total_epochs = None
+        c.total_steps = 2
+        c.batch_size = 8
+        c.log_every = 1
+        c.ckpt_every = 2
+    return c

@@ -1,0 +1,256 @@
+"""VAR trainer: official recipe configs, overfitting, exact resume after restarts, SIGKILL and SIGTERM."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from varjax.models.var import VAR
+from varjax.models.vqvae import VQVAE, VQVAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+OFFICIAL_COUNTS = {16: 310_283_520, 20: 600_917_136, 24: 1_033_399_360, 30: 2_010_020_356, 36: 2_353_893_904}
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+def load_config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from varjax.ckpt import save_model_dir
+
+    d = tmp_path_factory.mktemp("tok") / "tok"
+    cfg = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
+                      using_mid_sa=False, patch_nums=(1, 2, 4, 8), num_groups=8)
+    params = VQVAE(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
+    save_model_dir(str(d), cfg, params)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def shapes_cfg(tok, data_dir, **over):
+    c = load_config("var_shapes", "runlocal")
+    c.tokenizer_dir = tok
+    c.data.data_dir = data_dir
+    c.async_ckpt = False
+    c.progress_every_s = 1e9
+    for k, v in over.items():
+        node, *path = k.split(".")
+        target = c
+        for p in [node, *path][:-1]:
+            target = target[p]
+        target[[node, *path][-1]] = v
+    return c
+
+
+def read_losses(workdir):
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            out[r["step"]] = r["loss"]
+    return out
+
+
+# ---------------------------------------------------------------- official recipes
+
+
+RECIPES = {
+    16: dict(batch_size=768, epochs=200, tblr=1e-4, alng=1e-3, wpe=0.1, twde=0.0),
+    20: dict(batch_size=768, epochs=250, tblr=1e-4, alng=1e-3, wpe=0.1, twde=0.0),
+    24: dict(batch_size=768, epochs=350, tblr=8e-5, alng=1e-4, wpe=0.01, twde=0.0),
+    30: dict(batch_size=1024, epochs=350, tblr=8e-5, alng=1e-5, wpe=0.01, twde=0.08),
+    36: dict(batch_size=768, epochs=350, tblr=8e-5, alng=5e-6, wpe=0.01, twde=0.08),
+}
+
+
+@pytest.mark.parametrize("depth", sorted(RECIPES))
+def test_official_recipe_hparams(depth):
+    r = RECIPES[depth]
+    c = load_config(f"var_d{depth}")
+    assert c.model.depth == depth
+    assert c.batch_size == r["batch_size"]
+    assert c.total_epochs == r["epochs"] and c.total_steps is None and c.total_examples is None
+    assert c.tblr == pytest.approx(r["tblr"])
+    assert c.model.init_adaln_gamma == pytest.approx(r["alng"])
+    assert c.opt.wpe == pytest.approx(r["wpe"])
+    assert c.opt.twde == pytest.approx(r["twde"])
+    assert c.model.shared_aln == (depth == 36)
+    assert c.model.dtype == "bfloat16" and c.opt.sche == "lin0"
+    assert c.opt.twd == pytest.approx(0.05) and c.opt.tclip == pytest.approx(2.0)
+    assert c.ls == 0.0 and c.model.cond_drop_rate == pytest.approx(0.1)
+    assert c.data.name == "imagenet2012"
+    assert c.tokenizer_dir and ("512" in c.tokenizer_dir) == (depth == 36)
+    assert c.tokenizer_dir in (ROOT / "configs" / f"var_d{depth}.py").read_text()  # named in the docstring
+    local = load_config(f"var_d{depth}", "runlocal")
+    assert local.total_steps is not None and local.batch_size < c.batch_size
+
+
+@pytest.mark.parametrize("depth", sorted(OFFICIAL_COUNTS))
+def test_official_param_counts(depth):
+    from varjax.train.var_trainer import var_config_from
+
+    c = load_config(f"var_d{depth}")
+    vae_cfg = VQVAEConfig(patch_nums=PATCH_NUMS_512 if depth == 36 else PATCH_NUMS_256)
+    mcfg = var_config_from(c, vae_cfg, 1000)
+    assert (mcfg.embed_dim, mcfg.num_heads) == (64 * depth, depth)
+    lab = jnp.zeros((1,), jnp.int32)
+    x = jnp.zeros((1, mcfg.L - mcfg.first_l, mcfg.Cvae), jnp.float32)
+    shapes = jax.eval_shape(
+        lambda: VAR(mcfg).init(jax.random.PRNGKey(0), lab, x, method=VAR.init_all)["params"]
+    )
+    from flax.core import meta
+
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(meta.unbox(shapes)))
+    assert n == OFFICIAL_COUNTS[depth]
+
+
+# ---------------------------------------------------------------- overfit one batch
+
+
+def test_overfits_one_batch(tiny_tokenizer, data_dir):
+    from varjax.ckpt import load_model_dir
+    from varjax.train import loop, sharding, var_trainer
+
+    cfg = shapes_cfg(tiny_tokenizer, data_dir, total_steps=100, tblr=3e-3 * 256 / 8)
+    cfg.opt.wpe = 1.0  # keep the lr high to the end
+    cfg.model.cond_drop_rate = 0.0
+    tok = load_model_dir(cfg.tokenizer_dir)
+    setup = loop.prepare(cfg, str(Path(data_dir).parent / "overfit_wd"), tok.vae_cfg.image_size)
+    mcfg = var_trainer.var_config_from(cfg, tok.vae_cfg, 8)
+    task = var_trainer.build_task(setup, tok.vae_cfg, tok.vae_params, mcfg, jnp.float32)
+    state, _ = sharding.create_sharded_state(task.init_fn, setup.mesh, setup.rules, jax.random.PRNGKey(0))
+    local = next(setup.train_iter)
+    batch = sharding.make_global_batch({k: local[k] for k in ("image", "label")}, setup.mesh)
+    step = jax.jit(task.step_fn, donate_argnums=0)
+    losses = []
+    for _ in range(100):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert np.all(np.isfinite(losses))
+    assert min(losses[-5:]) < 0.5 * losses[0], (losses[0], losses[-5:])
+
+
+# ---------------------------------------------------------------- resume
+
+N_STEPS, CKPT_EVERY = 12, 2
+CONST = {"opt.wpe": 1.0, "opt.warmup_fraction": 0.0}  # lr/wd independent of total_steps
+CONST_FLAGS = ["--config.opt.wpe=1.0", "--config.opt.warmup_fraction=0.0"]
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tiny_tokenizer, data_dir, tmp_path_factory):
+    """Losses of an uninterrupted run of N_STEPS steps."""
+    from varjax.train.var_trainer import train
+
+    wd = str(tmp_path_factory.mktemp("reference"))
+    train(shapes_cfg(tiny_tokenizer, data_dir, total_steps=N_STEPS, ckpt_every=CKPT_EVERY, **CONST), wd)
+    return read_losses(wd)
+
+
+def test_resume_matches_uninterrupted(tiny_tokenizer, data_dir, tmp_path, reference_losses):
+    from varjax.train.var_trainer import train
+
+    k = 4
+    part = str(tmp_path / "part")
+    train(shapes_cfg(tiny_tokenizer, data_dir, total_steps=k, ckpt_every=CKPT_EVERY, **CONST), part)
+    train(shapes_cfg(tiny_tokenizer, data_dir, total_steps=N_STEPS, ckpt_every=CKPT_EVERY, **CONST), part)
+    got = read_losses(part)
+    assert sorted(got) == sorted(reference_losses) == list(range(1, N_STEPS + 1))
+    for s in range(1, N_STEPS + 1):
+        assert got[s] == pytest.approx(reference_losses[s], abs=1e-6), s
+
+
+def _cli(tok, workdir, *extra):
+    return [sys.executable, "-m", "varjax", "train", "--config", str(ROOT / "configs" / "var_shapes.py") + ":runlocal",
+            "--workdir", str(workdir), f"--config.tokenizer_dir={tok}", "--config.log_every=1",
+            "--config.async_ckpt=False", "--config.progress_every_s=1000000.0", *extra]
+
+
+def _env(data_dir):
+    return {**os.environ, "TFDS_DATA_DIR": data_dir}
+
+
+def _wait_for(pred, proc, timeout=120.0):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"training exited early with {proc.returncode}:\n{out[-3000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the training subprocess")
+        time.sleep(0.05)
+
+
+def _finalized(workdir, step):
+    d = Path(workdir) / "checkpoints" / str(step)
+    return d.is_dir() and (d / "state").is_dir() and (d / "meta").is_dir()
+
+
+def test_sigkill_then_resume(tiny_tokenizer, data_dir, tmp_path, reference_losses):
+    from varjax.train.checkpointing import Checkpointer
+
+    # The killed run starts with a huge step budget so it is surely killed mid-run; with a constant lr/wd
+    # schedule its steps are the reference run's steps.
+    n, k, const_flags = N_STEPS, CKPT_EVERY, CONST_FLAGS
+    wd = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(tiny_tokenizer, wd, "--config.total_steps=100000", f"--config.ckpt_every={k}",
+                                 *const_flags),
+                            env=_env(data_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: _finalized(wd, k), proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    latest = Checkpointer(str(wd)).latest_step()
+    assert latest is not None and k <= latest < n, latest
+
+    res = subprocess.run(_cli(tiny_tokenizer, wd, f"--config.total_steps={n}", f"--config.ckpt_every={k}",
+                              *const_flags),
+                         env=_env(data_dir), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"resumed from step {latest}" in res.stdout
+    a, b = reference_losses, read_losses(str(wd))
+    assert sorted(b) == list(range(1, n + 1))
+    for s in range(1, n + 1):
+        assert b[s] == pytest.approx(a[s], abs=1e-6), s
+
+
+def test_sigterm_saves_and_exits_cleanly(tiny_tokenizer, data_dir, tmp_path):
+    from varjax.train.checkpointing import Checkpointer
+
+    wd = tmp_path / "term"
+    args = _cli(tiny_tokenizer, wd, "--config.total_steps=100000", "--config.ckpt_every=100000")
+    proc = subprocess.Popen(args, env=_env(data_dir), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = wd / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preemption signal" in out
+    last_logged = max(read_losses(str(wd)))
+    assert Checkpointer(str(wd)).latest_step() == last_logged
+    assert last_logged < 100000
