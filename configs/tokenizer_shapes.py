@@ -1,0 +1,57 @@
+"""Multi-scale VQ-VAE tokenizer on the embedded `varjax_shapes` dataset (32x32, no download).
+
+    varjax train-tokenizer --config configs/tokenizer_shapes.py --workdir runs/tok_shapes
+
+A small CPU-sized model (8x8 latents, scales 1-2-3-4-6-8), L1 + L2 reconstruction, no LPIPS and no
+discriminator. The workdir is then a tokenizer for `varjax train --config configs/var_shapes.py
+--config.tokenizer_dir=runs/tok_shapes`. `configs/tokenizer_shapes.py:runlocal` is a few-step smoke test.
+"""
+
+from varjax.train.config_utils import parse_arg
+from varjax.train.tok_trainer import tokenizer_run
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, runlocal=False)
+    c = tokenizer_run()
+    c.vae.update(
+        dict(
+            ch=16,
+            ch_mult=(1, 2, 4),
+            z_channels=16,
+            vocab_size=256,
+            num_res_blocks=1,
+            using_sa=False,
+            using_mid_sa=False,
+            patch_nums=(1, 2, 3, 4, 6, 8),
+            num_groups=8,
+            share_quant_resi=4,
+        )
+    )
+    c.data.name = "varjax_shapes/32"
+    c.data.eval_split = "test"
+    c.data.mid_reso = 1.0  # drawn at the training resolution
+    c.data.shuffle_buffer = 4096
+    c.batch_size = 16
+    c.total_steps = 2200
+    c.lr = 2e-3
+    c.opt.warmup_fraction = 0.02
+    c.ema_decay = 0.99
+    c.log_every = 25
+    c.ckpt_every = 500
+    c.eval_every = 500
+    c.image_every = 500
+    if a.runlocal:
+        c.data.name = "varjax_shapes/tiny"
+        c.vae.ch = 8
+        c.vae.ch_mult = (1, 2, 2)
+        c.vae.z_channels = 8
+        c.vae.vocab_size = 64
+        c.vae.patch_nums = (1, 2, 4, 8)
+        c.batch_size = 8
+        c.total_steps = 4
+        c.log_every = 1
+        c.ckpt_every = 2
+        c.eval_every = 4
+        c.image_every = 4
+    return c

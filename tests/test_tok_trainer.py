@@ -1,0 +1,202 @@
+"""Tokenizer trainer: loss, discriminator/adaptive weight, EMA and usage bookkeeping, end-to-end into VAR."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from varjax.models.vqvae import VQVAE
+from varjax.train import loop, metrics
+from varjax.train import tok_trainer as tt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def tiny_cfg(**overrides):
+    """16x16 images, 2 levels, scales 1-2-4-8: compiles and steps in well under a second."""
+    c = load_config("tokenizer_shapes", "runlocal")
+    c.vae.ch_mult = (1, 2)
+    c.vae.ch = 16
+    c.vae.num_groups = 4
+    c.batch_size = 4
+    c.eval_every = 0
+    c.image_every = 0
+    c.disc.n_layers = 2
+    c.disc.ndf = 8
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def make_task(cfg, total_steps=100):
+    setup = loop.Setup(cfg, "", None, None, None, total_steps, 10, True)
+    vae_cfg = tt.vae_config_from(cfg)
+    task = tt.build_task(setup, vae_cfg)
+    state = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, task.init_fn(jax.random.PRNGKey(0)))
+    return task, vae_cfg, state
+
+
+def batch_of(n=4, side=16, seed=0):
+    """Smooth random images in [-1, 1] (blocky, so the tiny tokenizer can fit them)."""
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(-1, 1, (n, side // 4, side // 4, 3)).astype(np.float32)
+    return {"image": jnp.asarray(np.repeat(np.repeat(small, 4, 1), 4, 2)), "label": jnp.zeros((n,), jnp.int32)}
+
+
+def test_loss_falls_on_a_fixed_batch():
+    cfg = tiny_cfg(ema_decay=0.0)
+    task, _, state = make_task(cfg, total_steps=1000)
+    step = jax.jit(task.step_fn)
+    batch = batch_of()
+    losses, recon, psnrs = [], [], []
+    for _ in range(40):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+        recon.append(float(m["recon_l1"] + m["recon_l2"]))
+        psnrs.append(float(m["psnr"]))
+    assert all(np.isfinite(losses))
+    # the reconstruction part falls steadily (the quantizer term first grows with the encoder's features)
+    assert np.mean(recon[-5:]) < 0.5 * np.mean(recon[:3]), recon
+    assert losses[-1] < max(losses), losses
+    assert psnrs[-1] > psnrs[0] + 5, psnrs
+    assert int(state["step"]) == 40
+    # with ema_decay 0 the exported weights are the trained weights
+    assert task.export_key == "params"
+    np.testing.assert_array_equal(state["ema_params"]["decoder"]["conv_out"]["kernel"],
+                                  state["params"]["decoder"]["conv_out"]["kernel"])
+
+
+def test_discriminator_and_adaptive_weight_after_disc_start():
+    cfg = tiny_cfg(disc_weight=0.5, disc_start=1, adaptive_disc_weight=True)
+    task, _, state = make_task(cfg)
+    step = jax.jit(task.step_fn)
+    batch = batch_of()
+    d0 = state["disc_params"]
+    s1, m1 = step(state, batch)  # step 0 < disc_start: discriminator frozen, no adversarial term
+    assert float(m1["disc_factor"]) == 0.0 and float(m1["d_weight"]) == 0.0
+    jax.tree.map(np.testing.assert_array_equal, s1["disc_params"], jax.device_get(d0))
+    s2, m2 = step(s1, batch)  # step 1: on
+    assert float(m2["disc_factor"]) == 1.0
+    for k in ("loss", "g_loss", "d_loss", "d_weight", "grad_norm"):
+        assert np.isfinite(float(m2[k])), k
+    assert float(m2["d_weight"]) > 0
+    assert float(m2["d_loss"]) > 0
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), s2["disc_params"], s1["disc_params"]))
+    assert any(changed)
+    leaves = jax.tree.leaves(s2["params"]) + jax.tree.leaves(s2["disc_params"])
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
+def test_ema_bookkeeping_two_steps():
+    d = 0.9
+    cfg = tiny_cfg(ema_decay=d)
+    task, _, state = make_task(cfg)
+    step = jax.jit(task.step_fn)
+    p0 = np.asarray(state["params"]["decoder"]["conv_out"]["bias"])
+    s1, _ = step(state, batch_of(seed=1))
+    p1 = np.asarray(s1["params"]["decoder"]["conv_out"]["bias"])
+    s2, _ = step(s1, batch_of(seed=2))
+    p2 = np.asarray(s2["params"]["decoder"]["conv_out"]["bias"])
+    assert not np.allclose(p0, p1)
+    want = d * (d * p0 + (1 - d) * p1) + (1 - d) * p2
+    np.testing.assert_allclose(np.asarray(s2["ema_params"]["decoder"]["conv_out"]["bias"]), want, rtol=1e-5, atol=1e-7)
+    assert task.export_key == "ema_params"
+
+
+def hits_of(vae_cfg, params, img):
+    idx = VQVAE(vae_cfg).apply({"params": params}, img, method=VQVAE.img_to_idx)
+    out = np.zeros((len(idx), vae_cfg.vocab_size), np.float32)
+    for k, i in enumerate(idx):
+        np.add.at(out[k], np.asarray(i).ravel(), 1)
+    return out
+
+
+def test_usage_bookkeeping_against_hand_counted_hits():
+    u = 0.5
+    cfg = tiny_cfg(usage_decay=u)
+    task, vae_cfg, state = make_task(cfg)
+    step = jax.jit(task.step_fn)
+    b1, b2 = batch_of(seed=3), batch_of(seed=4)
+    h1 = hits_of(vae_cfg, state["params"], b1["image"])
+    assert h1.sum(1).tolist() == [4 * p * p for p in vae_cfg.patch_nums]
+    s1, _ = step(state, b1)
+    h2 = hits_of(vae_cfg, s1["params"], b2["image"])
+    s2, m2 = step(s1, b2)
+    want = u * ((1 - u) * h1) + (1 - u) * h2
+    np.testing.assert_allclose(np.asarray(s2["usage_SV"]), want, rtol=1e-6)
+    margin = tt.usage_margin(cfg.batch_size, vae_cfg)
+    for k in range(len(vae_cfg.patch_nums)):
+        np.testing.assert_allclose(float(m2[f"usage_s{k}"]), np.mean(want[k] >= margin) * 100, rtol=1e-6)
+    assert float(m2["dead_codes"]) == np.sum(want.sum(0) < cfg.dead_code_threshold)
+
+
+def test_dead_code_reinit_uses_batch_features():
+    emb = jnp.arange(12.0).reshape(4, 3)
+    usage = jnp.asarray([[1.0, 0.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.001]])
+    feats = 100 + jnp.arange(15.0).reshape(5, 3)
+    new, new_usage, dead = tt.reinit_dead_codes(emb, usage, feats, 0.01, jax.random.PRNGKey(0))
+    assert dead.tolist() == [False, True, False, True]
+    np.testing.assert_array_equal(new[jnp.asarray([0, 2])], emb[jnp.asarray([0, 2])])
+    feat_rows = {tuple(r) for r in np.asarray(feats).tolist()}
+    assert tuple(np.asarray(new[1]).tolist()) in feat_rows and tuple(np.asarray(new[3]).tolist()) in feat_rows
+    np.testing.assert_allclose(np.asarray(new_usage)[:, 1], [0.005, 0.005])
+    again, _, _ = tt.reinit_dead_codes(emb, usage, feats, 0.01, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(again, new)  # deterministic given the rng
+
+
+def test_init_from_must_match_architecture():
+    cfg = tiny_cfg()
+    loaded = tt.vae_config_from(cfg)
+    cfg.vae.dropout = 0.1
+    assert tt.finetune_config(cfg, loaded).dropout == 0.1
+    cfg.vae.vocab_size = 128
+    with pytest.raises(ValueError, match="config.vae.vocab_size"):
+        tt.finetune_config(cfg, loaded)
+
+
+def test_end_to_end_checkpoint_feeds_tokenize_and_var_training(tmp_path):
+    from varjax.ckpt import load_model_dir
+    from varjax.train import var_trainer
+
+    data_dir = os.environ.get("VARJAX_TEST_TFDS", str(tmp_path / "tfds"))
+    cfg = load_config("tokenizer_shapes", "runlocal")
+    cfg.data.data_dir = data_dir
+    cfg.total_steps = 2
+    cfg.ckpt_every = 2
+    cfg.eval_every = 2
+    cfg.image_every = 2
+    cfg.async_ckpt = False
+    wd = str(tmp_path / "tok")
+    last = tt.train(cfg, wd)
+    assert np.isfinite(last["loss"]) and "val_psnr" in last and "usage_s0" in last
+    rows = metrics.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (Path(wd) / "checkpoints" / "2").is_dir()
+    meta = json.loads((Path(wd) / "varjax_model.json").read_text())
+    assert meta["vae"]["params"]["subtree"] == ["ema_params"] and meta["var"] is None
+
+    tok = load_model_dir(wd)
+    assert tok.vae_cfg == tt.vae_config_from(cfg)
+    img = batch_of(n=2, side=32)["image"]
+    rec = VQVAE(tok.vae_cfg).apply({"params": tok.vae_params}, img, method=VQVAE.img_to_recon)
+    assert rec.shape == img.shape and bool(jnp.all(jnp.isfinite(rec)))
+
+    vcfg = load_config("var_shapes", "runlocal")
+    vcfg.tokenizer_dir = wd
+    vcfg.data.data_dir = data_dir
+    vcfg.total_steps = 2
+    vcfg.async_ckpt = False
+    out = var_trainer.train(vcfg, str(tmp_path / "var"))
+    assert np.isfinite(out["loss"])
