@@ -11,10 +11,10 @@ from varjax.train.config_utils import parse_arg
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False, depth=4)
+    a = parse_arg(arg, runlocal=False, depth=3)
     c = var_run(a.depth)
-    c.model.embed_dim = 128
-    c.model.num_heads = 4
+    c.model.embed_dim = 96
+    c.model.num_heads = 3
     c.model.drop_path_rate = 0.0
     c.model.dtype = "float32"
     c.data.name = "varjax_shapes"
@@ -22,13 +22,13 @@ def get_config(arg=None):
     c.data.mid_reso = 1.0  # the shapes are drawn at the training resolution; no crop jitter needed
     c.data.shuffle_buffer = 4096
     c.batch_size = 64
-    c.total_steps = 1500
+    c.total_steps = 1100
     c.tblr = 1e-3 * 256 / 64  # lr 1e-3 at batch 64: a small model on a small dataset tolerates a large lr
     c.opt.wpe = 0.05
     c.opt.warmup_fraction = 0.03
     c.log_every = 25
     c.ckpt_every = 250
-    c.eval_every = 500
+    c.eval_every = 550
     if a.runlocal:
         c.data.name = "varjax_shapes/tiny"
         c.batch_size = 8

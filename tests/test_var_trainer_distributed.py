@@ -63,7 +63,7 @@ def test_sharded_step_matches_single_device(vae_params):
     p1, m1 = one_step(cfg, one, vae_params, batch)
     p8, m8 = one_step(cfg, big, vae_params, batch)
     assert np.isfinite(m1["loss"])
-    for k in ("loss", "grad_norm", "param_norm", "acc_mean"):
+    for k in ("loss", "grad_norm", "param_norm", "train_acc_mean"):
         assert m8[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-5), k
     chex.assert_trees_all_close(p8, p1, atol=1e-5, rtol=1e-5)
 

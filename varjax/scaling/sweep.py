@@ -125,8 +125,9 @@ def build_member_config(config: str, name: str, overrides: list[str]) -> ml_coll
     path, arg = _split_config_arg(config)
     argv = ["varjax sweep", f"--config={path}:{_member_arg(arg, name)}", *overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "sweep member config", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
+    config_flags.DEFINE_config_file(
+        "config", None, "sweep member config", flag_values=fv, lock_config=True, sys_argv=argv
+    )
     try:
         fv(argv)
     except flags.Error as e:
@@ -250,8 +251,14 @@ def _parse_launch(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return a, overrides
 
 
-def launch(config: str, root: str, overrides: list[str] = (), print_commands: bool = False,
-           only: list[str] | None = None, train_fn: Callable | None = None) -> list[dict]:
+def launch(
+    config: str,
+    root: str,
+    overrides: list[str] = (),
+    print_commands: bool = False,
+    only: list[str] | None = None,
+    train_fn: Callable | None = None,
+) -> list[dict]:
     """Trains (or prints the commands for) every member; returns ``[{'name', 'workdir', 'status'}]``."""
     path, arg = _split_config_arg(config)
     module = load_sweep_module(path)
@@ -263,8 +270,9 @@ def launch(config: str, root: str, overrides: list[str] = (), print_commands: bo
         members = [m for m in members if m["name"] in only]
     rootp = Path(root)
     rootp.mkdir(parents=True, exist_ok=True)
-    _write_json(rootp / SWEEP_JSON, {"config": config, "overrides": list(overrides),
-                                     "members": [m["name"] for m in members]})
+    _write_json(
+        rootp / SWEEP_JSON, {"config": config, "overrides": list(overrides), "members": [m["name"] for m in members]}
+    )
     results = []
     for m in members:
         name = m["name"]
@@ -278,8 +286,12 @@ def launch(config: str, root: str, overrides: list[str] = (), print_commands: bo
                 workdir.mkdir(parents=True, exist_ok=True)
                 _write_json(workdir / ACCOUNTING_JSON, acc)
             except (ValueError, OSError) as e:
-                print(f"# [sweep] {name}: accounting.json not written here ({e}); `varjax sweep launch` without "
-                      "--print-commands writes it (and skips finished members)", file=sys.stderr, flush=True)
+                print(
+                    f"# [sweep] {name}: accounting.json not written here ({e}); `varjax sweep launch` without "
+                    "--print-commands writes it (and skips finished members)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             results.append({"name": name, "workdir": str(workdir), "status": "printed"})
             continue
         if done.is_file():
@@ -290,8 +302,11 @@ def launch(config: str, root: str, overrides: list[str] = (), print_commands: bo
         workdir.mkdir(parents=True, exist_ok=True)
         acc = accounting(cfg)
         _write_json(workdir / ACCOUNTING_JSON, acc)
-        print(f"[sweep] {name}: N={acc['N']:,} params, C={acc['C_pflops']:.4g} PFLOPs, "
-              f"{acc['total_steps']} steps, {acc['tokens']:,} tokens -> {workdir}", flush=True)
+        print(
+            f"[sweep] {name}: N={acc['N']:,} params, C={acc['C_pflops']:.4g} PFLOPs, "
+            f"{acc['total_steps']} steps, {acc['tokens']:,} tokens -> {workdir}",
+            flush=True,
+        )
         if train_fn is None:
             from varjax.train.var_trainer import train as train_fn
         last = train_fn(cfg, str(workdir))
@@ -300,8 +315,18 @@ def launch(config: str, root: str, overrides: list[str] = (), print_commands: bo
             print(f"[sweep] {name}: training did not reach step {acc['total_steps']}; re-run to resume", flush=True)
             results.append({"name": name, "workdir": str(workdir), "status": "incomplete"})
             continue
-        _write_json(done, {"name": name, "N": acc["N"], "C_flops": acc["C_flops"], "C_pflops": acc["C_pflops"],
-                           "tokens": acc["tokens"], "final": final, "last_logged": last})
+        _write_json(
+            done,
+            {
+                "name": name,
+                "N": acc["N"],
+                "C_flops": acc["C_flops"],
+                "C_pflops": acc["C_pflops"],
+                "tokens": acc["tokens"],
+                "final": final,
+                "last_logged": last,
+            },
+        )
         results.append({"name": name, "workdir": str(workdir), "status": "trained"})
     return results
 
@@ -333,38 +358,16 @@ def final_eval_metrics(workdir: Path, total_steps: int | None = None) -> dict | 
 
 def evaluate_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> dict:
     """L_mean, L_tail, acc_mean, acc_tail of the latest checkpoint in ``workdir`` on the eval split."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     from varjax.ckpt import load_model_dir
     from varjax.data import pipeline
-    from varjax.models.var import VAR
-    from varjax.models.vqvae import VQVAE, split_scales
-    from varjax.train.var_trainer import eval_stats
+    from varjax.train.var_trainer import make_eval_fn
 
     b = load_model_dir(workdir, need_var=True)
-    vae, var = VQVAE(b.vae_cfg), VAR(b.var_cfg)
-    pns = b.var_cfg.patch_nums
-
-    @jax.jit
-    def stats(vae_params, params, batch):
-        if "tokens" in batch:
-            idx = split_scales(batch["tokens"], pns)
-        else:
-            idx = vae.apply({"params": vae_params}, batch["image"], method=VQVAE.img_to_idx)
-        x = vae.apply({"params": vae_params}, idx, method=VQVAE.idx_to_var_input)
-        logits = var.apply({"params": params}, batch["label"], x, train=False)
-        return eval_stats(logits, jnp.concatenate(idx, axis=1), pns[-1] ** 2, batch["mask"])
-
-    it = pipeline.build_eval_iter(cfg.data, image_size=b.vae_cfg.image_size, global_batch_size=cfg.batch_size,
-                                  process_index=0, process_count=1)
-    tot = np.zeros(5)
-    for batch in it:
-        batch = {k: v for k, v in batch.items() if k in ("image", "tokens", "label", "mask")}
-        tot += np.asarray(stats(b.vae_params, b.var_params, batch))
-    n = max(tot[4], 1)
-    return {"L_mean": tot[0] / n, "L_tail": tot[1] / n, "acc_mean": tot[2] / n, "acc_tail": tot[3] / n}
+    evaluate = make_eval_fn(b.vae_cfg, b.vae_params, b.var_cfg)
+    it = pipeline.build_eval_iter(
+        cfg.data, image_size=b.vae_cfg.image_size, global_batch_size=cfg.batch_size, process_index=0, process_count=1
+    )
+    return evaluate(b.var_params, it)
 
 
 def member_record(workdir: Path, evaluate: bool = True) -> dict | None:
@@ -413,8 +416,10 @@ def _member_dirs(root: Path) -> list[Path]:
 def format_law(fit: dict, x_key: str, y_key: str) -> str:
     if fit.get("alpha") is None:
         return f"{y_key} vs {x_key}: no fit ({fit.get('error', 'too few points')})"
-    return (f"{y_key} = ({fit['beta']:.4g} * {x_key})^{fit['alpha']:.4f}   "
-            f"[pearson r {fit['pearson_r']:.4f}, {fit['n']} runs: {', '.join(fit['names'])}]")
+    return (
+        f"{y_key} = ({fit['beta']:.4g} * {x_key})^{fit['alpha']:.4f}   "
+        f"[pearson r {fit['pearson_r']:.4f}, {fit['n']} runs: {', '.join(fit['names'])}]"
+    )
 
 
 def fit(root: str, out: str | None = None, evaluate: bool = True) -> dict:
@@ -440,8 +445,10 @@ def fit(root: str, out: str | None = None, evaluate: bool = True) -> dict:
     pngs = plot_fits(records, report, out)
     print(f"[sweep] {len(records)} runs (C in PFLOPs):")
     for r in records:
-        print(f"  {r['name']}: N={r['N']:,} C={r['C']:.4g} L_mean={r['L_mean']:.4f} L_tail={r['L_tail']:.4f} "
-              f"err_mean={r['err_mean']:.4f} err_tail={r['err_tail']:.4f}")
+        print(
+            f"  {r['name']}: N={r['N']:,} C={r['C']:.4g} L_mean={r['L_mean']:.4f} L_tail={r['L_tail']:.4f} "
+            f"err_mean={r['err_mean']:.4f} err_tail={r['err_tail']:.4f}"
+        )
     for x_key, rep in report.items():
         print(f"[sweep] laws vs {x_key}{' (Pareto frontier)' if rep['frontier'] else ''}:")
         for y_key, f in rep["fits"].items():
@@ -468,8 +475,7 @@ def run_cli(argv: list[str]) -> None:
     prog = f"{argv[0]} {sub}"
     if sub == "launch":
         a, overrides = _parse_launch([prog, *rest])
-        launch(a.config, a.root, overrides, print_commands=a.print_commands,
-               only=a.only.split(",") if a.only else None)
+        launch(a.config, a.root, overrides, print_commands=a.print_commands, only=a.only.split(",") if a.only else None)
     elif sub == "fit":
         p = argparse.ArgumentParser(prog=prog, description="fit scaling laws to a finished sweep")
         p.add_argument("--root", required=True)
@@ -480,4 +486,3 @@ def run_cli(argv: list[str]) -> None:
     else:
         print(USAGE, file=sys.stderr)
         raise SystemExit(f"error: unknown sweep command {sub!r}; expected 'launch' or 'fit'.")
-

@@ -87,6 +87,43 @@ def eval_stats(logits_BLV, gt_BL, last_l: int, mask_B):
     return jnp.concatenate([(per * mask_B[None]).sum(1), mask_B.sum()[None]])
 
 
+def teacher_forcing_inputs(vae: VQVAE, vae_params, patch_nums, batch):
+    """(gt tokens (B, L), transformer input (B, L - first_l, Cv)) from a batch of images or cached tokens."""
+    if "tokens" in batch:
+        idx = split_scales(batch["tokens"], patch_nums)
+    else:
+        idx = vae.apply({"params": vae_params}, batch["image"], method=VQVAE.img_to_idx)
+    x = vae.apply({"params": vae_params}, idx, method=VQVAE.idx_to_var_input)
+    return jnp.concatenate(idx, axis=1), x
+
+
+def make_eval_fn(vae_cfg: VQVAEConfig, vae_params, model_cfg: VARConfig, dtype=jnp.float32):
+    """``evaluate(params, batches, mesh=None) -> {L_mean, L_tail, acc_mean, acc_tail}`` over eval batches
+    (padded examples carry ``mask`` 0 and are not counted)."""
+    vae, var = VQVAE(vae_cfg), VAR(model_cfg, dtype=dtype)
+    pns = model_cfg.patch_nums
+
+    @jax.jit
+    def batch_stats(params, batch):
+        gt_BL, x = teacher_forcing_inputs(vae, vae_params, pns, batch)
+        logits = var.apply({"params": params}, batch["label"], x, train=False)
+        return eval_stats(logits, gt_BL, pns[-1] ** 2, batch["mask"])
+
+    def evaluate(params, batches, mesh=None) -> dict:
+        from varjax.train.sharding import make_global_batch
+
+        tot = np.zeros(5)
+        for b in batches:
+            b = {k: v for k, v in b.items() if k in ("image", "tokens", "label", "mask")}
+            if mesh is not None:
+                b = make_global_batch(b, mesh)
+            tot += np.asarray(jax.device_get(batch_stats(params, b)))
+        n = max(tot[4], 1)
+        return {"L_mean": tot[0] / n, "L_tail": tot[1] / n, "acc_mean": tot[2] / n, "acc_tail": tot[3] / n}
+
+    return evaluate
+
+
 def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, vae_params, model_cfg: VARConfig, dtype) -> loop.Task:
     cfg = setup.cfg
     vae, var = VQVAE(vae_cfg), VAR(model_cfg, dtype=dtype)
@@ -110,12 +147,7 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, vae_params, model_cfg: V
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng}
 
     def inputs(batch):
-        if "tokens" in batch:
-            idx = split_scales(batch["tokens"], pns)
-        else:
-            idx = vae.apply({"params": vae_params}, batch["image"], method=VQVAE.img_to_idx)
-        x = vae.apply({"params": vae_params}, idx, method=VQVAE.idx_to_var_input)
-        return jnp.concatenate(idx, axis=1), x
+        return teacher_forcing_inputs(vae, vae_params, pns, batch)
 
     def make_step(prog_si: int):
         ed = L if prog_si < 0 else sum(p * p for p in pns[: prog_si + 1])
@@ -148,11 +180,11 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, vae_params, model_cfg: V
                 "grad_norm": optax.global_norm(grads),
                 "param_norm": optax.global_norm(params),
                 "update_norm": optax.global_norm(updates),
-                "acc_mean": (pred == gt_BL).mean() * 100,
+                "train_acc_mean": (pred == gt_BL).mean() * 100,
                 "prog_si": jnp.asarray(prog_si, jnp.float32),
             }
             if prog_si < 0:
-                m["acc_tail"] = (pred[:, -last_l:] == gt_BL[:, -last_l:]).mean() * 100
+                m["train_acc_tail"] = (pred[:, -last_l:] == gt_BL[:, -last_l:]).mean() * 100
             new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
             return new, m
 
@@ -173,21 +205,10 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, vae_params, model_cfg: V
             process_count=jax.process_count(),
         )
 
-    @jax.jit
-    def eval_batch(params, batch):
-        gt_BL, x = inputs(batch)
-        logits = var.apply({"params": params}, batch["label"], x, train=False)
-        return eval_stats(logits, gt_BL, last_l, batch["mask"])
+    evaluate = make_eval_fn(vae_cfg, vae_params, model_cfg, dtype)
 
     def eval_fn(state):
-        from varjax.train.sharding import make_global_batch
-
-        tot = np.zeros(5)
-        for b in eval_iter:
-            b = {k: v for k, v in b.items() if k in ("image", "tokens", "label", "mask")}
-            tot += np.asarray(jax.device_get(eval_batch(state["params"], make_global_batch(b, setup.mesh))))
-        n = max(tot[4], 1)
-        return {"L_mean": tot[0] / n, "L_tail": tot[1] / n, "acc_mean": tot[2] / n, "acc_tail": tot[3] / n}
+        return evaluate(state["params"], eval_iter, setup.mesh)
 
     task = loop.Task(
         init_fn=init_fn,
