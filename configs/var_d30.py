@@ -13,28 +13,20 @@ twd 0.05, tclip 2.0, no label smoothing, class dropout 0.1 (the defaults of ``va
 (still needs an official-shaped tokenizer directory).
 """
 
-from varjax.train.config_base import var_run
+from varjax.train.config_base import official_var_run
 from varjax.train.config_utils import parse_arg
 
 
 def get_config(arg=None):
     a = parse_arg(arg, runlocal=False)
-    c = var_run(30)
-    c.tokenizer_dir = "runs/tok_vae_ch160v4096z32"
-    c.batch_size = 1024
-    c.total_epochs = 350.0
-    c.tblr = 8e-05
-    c.model.init_adaln_gamma = 1e-05
-    c.opt.wpe = 0.01
-    c.opt.twde = 0.08
-    c.data.name = "imagenet2012"
-    c.data.eval_split = "validation"
-    if a.runlocal:
-        c.data.name = "varjax_shapes/tiny"
-        c.data.eval_split = "test"
-        c.total_epochs = None
-        c.total_steps = 2
-        c.batch_size = 8
-        c.log_every = 1
-        c.ckpt_every = 2
-    return c
+    return official_var_run(
+        30,
+        batch_size=1024,
+        epochs=350,
+        tblr=8e-05,
+        alng=1e-05,
+        wpe=0.01,
+        twde=0.08,
+        tokenizer_dir="runs/tok_vae_ch160v4096z32",
+        runlocal=a.runlocal,
+    )

@@ -75,3 +75,41 @@ def var_run(depth: int) -> ml_collections.ConfigDict:
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"
     return c
+
+
+def official_var_run(
+    depth: int,
+    *,
+    batch_size: int,
+    epochs: float,
+    tblr: float,
+    alng: float,
+    wpe: float,
+    tokenizer_dir: str,
+    twde: float = 0.0,
+    shared_aln: bool = False,
+    runlocal: bool = False,
+) -> ml_collections.ConfigDict:
+    """A released VAR recipe on ImageNet (the README's hyper-parameters; everything else ``var_run``'s).
+
+    ``runlocal`` keeps the model but trains 2 steps of batch 8 on the embedded shapes data (it still needs an
+    official-shaped tokenizer directory).
+    """
+    c = var_run(depth)
+    c.tokenizer_dir = tokenizer_dir
+    c.batch_size = batch_size
+    c.total_epochs = float(epochs)
+    c.tblr = tblr
+    c.model.init_adaln_gamma = alng
+    c.model.shared_aln = shared_aln
+    c.opt.wpe = wpe
+    c.opt.twde = twde
+    if runlocal:
+        c.data.name = "varjax_shapes/tiny"
+        c.data.eval_split = "test"
+        c.total_epochs = None
+        c.total_steps = 2
+        c.batch_size = 8
+        c.log_every = 1
+        c.ckpt_every = 2
+    return c
