@@ -409,15 +409,12 @@ def build_train_iter(
             f"({process_count})."
         )
     k = shards // process_count
-    if k == 1:
-        return _build_shard_iter(cfg, image_size=image_size, global_batch_size=global_batch_size,
-                                 process_index=process_index, process_count=process_count, seed=seed)
     parts = [
         _build_shard_iter(cfg, image_size=image_size, global_batch_size=global_batch_size,
                           process_index=process_index * k + j, process_count=shards, seed=seed)
         for j in range(k)
     ]
-    return _ConcatIterator(parts)
+    return parts[0] if k == 1 else _ConcatIterator(parts)
 
 
 class _ConcatIterator:
