@@ -254,3 +254,24 @@ def test_sigterm_saves_and_exits_cleanly(tiny_tokenizer, data_dir, tmp_path):
     last_logged = max(read_losses(str(wd)))
     assert Checkpointer(str(wd)).latest_step() == last_logged
     assert last_logged < 100000
+
+
+def test_progressive_stages_follow_the_reference_schedule():
+    from varjax.train.var_trainer import prog_stage, prog_warmup
+
+    kw = dict(pg=0.5, pg0=1, wp_it=10, max_it=100, num_scales=6)
+    stages = [prog_stage(s, **kw) for s in range(100)]
+    assert stages[0] == stages[10] == 1  # warm-up keeps the first stage
+    # between warm-up and pg * max_it the stage grows linearly (rounded) from pg0 to the last scale
+    assert stages[30] == 1 + round((30 - 10) / (50 - 10) * 4)
+    assert stages[40] == 4 and stages[49] == -1  # reaching the last scale means "all scales" (-1)
+    assert stages[50] == -1 and stages[99] == -1
+    assert all(a <= b or b == -1 for a, b in zip(stages, stages[1:], strict=False))
+    assert prog_stage(7, pg=0.0, pg0=1, wp_it=10, max_it=100, num_scales=6) == -1
+
+    def stage(s):
+        return prog_stage(s, **kw)
+
+    assert prog_warmup(5, stage, 4.0) == 1.0  # the first stage is not ramped
+    first = stages.index(stages[30])
+    assert prog_warmup(first, stage, 4.0) == 0.25 and prog_warmup(first + 3, stage, 4.0) == 1.0

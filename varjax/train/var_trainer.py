@@ -217,7 +217,8 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, vae_params, model_cfg: V
         step_variant=(lambda s: stage(s)) if cfg.pg > 0 else None,
         step_fn_for=make_step,
     )
-    task.prog = (stage, pgwp_it)  # used to feed prog_wp with each batch
+    if cfg.pg > 0:  # each batch carries the loss weight of the newest scale for its step
+        setup.train_iter = _with_prog_wp(setup.train_iter, stage, pgwp_it)
     return task
 
 
@@ -255,9 +256,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     dtype = jnp.dtype(cfg.model.get("dtype", "float32"))
     task = build_task(setup, tok.vae_cfg, tok.vae_params, model_cfg, dtype)
     task.model_json = model_json(cfg, tok.vae_cfg, model_cfg)
-    stage, pgwp_it = task.prog
-    if cfg.pg > 0:
-        setup.train_iter = _with_prog_wp(setup.train_iter, stage, pgwp_it)
     return loop.train_and_evaluate(setup, task)
 
 
