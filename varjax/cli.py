@@ -99,49 +99,27 @@ def cmd_sample(a) -> None:
         print(f"[sample] wrote {a.save_npz}")
 
 
-def _batched(fn, images, bs):
-    outs = [fn(images[i : i + bs]) for i in range(0, len(images), bs)]
-    return np.concatenate(outs, axis=0)
-
-
-def _tokenizer_fns(b):
-    import jax
-    import jax.numpy as jnp
-
-    from varjax.models.vqvae import VQVAE
-
-    model = VQVAE(b.vae_cfg)
-
-    @jax.jit
-    def tokens(params, x):
-        return jnp.concatenate(model.apply({"params": params}, x * 2 - 1, method=VQVAE.img_to_idx), axis=1)
-
-    @jax.jit
-    def recon(params, x):
-        return (model.apply({"params": params}, x * 2 - 1, method=VQVAE.img_to_recon) + 1) * 0.5
-
-    return tokens, recon
-
-
 def cmd_tokenize(a) -> None:
+    from varjax.codec import batched, tokenizer_fns
     from varjax.images import load_images
 
     b = _load_bundle(a.ckpt)
     imgs = load_images(a.images, size=b.vae_cfg.image_size)
-    tok_fn, _ = _tokenizer_fns(b)
-    tokens = _batched(lambda x: np.asarray(tok_fn(b.vae_params, x), np.int32), imgs, a.batch_size)
+    tok_fn, _ = tokenizer_fns(b.vae_cfg)
+    tokens = batched(lambda x: tok_fn(b.vae_params, x * 2 - 1), imgs, a.batch_size).astype(np.int32)
     np.savez(a.out, tokens=tokens, patch_nums=np.asarray(b.vae_cfg.patch_nums, np.int32))
     print(f"[tokenize] {len(imgs)} images -> tokens {tokens.shape} written to {a.out}")
 
 
 def cmd_reconstruct(a) -> None:
+    from varjax.codec import batched, psnr, tokenizer_fns
     from varjax.images import load_images, save_png
 
     b = _load_bundle(a.ckpt)
     imgs = load_images(a.images, size=b.vae_cfg.image_size)
-    _, rec_fn = _tokenizer_fns(b)
-    rec = _batched(lambda x: np.asarray(rec_fn(b.vae_params, x), np.float32), imgs, a.batch_size)
-    psnr = float(np.mean(10 * np.log10(1.0 / np.maximum(np.mean((rec - imgs) ** 2, axis=(1, 2, 3)), 1e-12))))
+    _, rec_fn = tokenizer_fns(b.vae_cfg)
+    rec = batched(lambda x: (rec_fn(b.vae_params, x * 2 - 1) + 1) * 0.5, imgs, a.batch_size).astype(np.float32)
+    db = float(psnr(rec, imgs).mean())
     out = Path(a.out)
     if out.suffix == ".npz":
         np.savez(out, images=rec)
@@ -149,13 +127,14 @@ def cmd_reconstruct(a) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for i, r in enumerate(rec):
             save_png(out / f"{i:05d}.png", r)
-    print(f"[reconstruct] {len(imgs)} images, PSNR {psnr:.2f} dB, written to {out}")
+    print(f"[reconstruct] {len(imgs)} images, PSNR {db:.2f} dB, written to {out}")
 
 
 def cmd_edit(a) -> None:
     import jax
     import jax.numpy as jnp
 
+    from varjax.codec import tokenizer_fns
     from varjax.images import load_image_file, load_mask, save_png
     from varjax.sample import SampleOptions, make_editor, mask_to_keep
 
@@ -168,8 +147,8 @@ def cmd_edit(a) -> None:
         )
     img = load_image_file(a.image, size)[None]
     gen = load_mask(a.mask, size)
-    tok_fn, _ = _tokenizer_fns(b)
-    gt = tok_fn(b.vae_params, jnp.asarray(img))
+    tok_fn, _ = tokenizer_fns(b.vae_cfg)
+    gt = tok_fn(b.vae_params, jnp.asarray(img) * 2 - 1)
     keep = jnp.asarray(mask_to_keep(gen, b.vae_cfg.patch_nums[-1]))[None]
     editor = make_editor(b.vae_cfg, b.var_cfg, SampleOptions(a.cfg, a.top_k, a.top_p, a.more_smooth))
     out, _ = editor(b.vae_params, b.var_params, jnp.asarray([a.label], jnp.int32), jax.random.PRNGKey(a.seed), gt, keep)

@@ -17,15 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from varjax.ckpt import ModelBundle, load_model_dir
+from varjax.codec import batched, psnr, tokenizer_fns
 from varjax.data.shapes import NUM_CLASSES, classify_shapes, draw_example
-from varjax.models.vqvae import VQVAE
 from varjax.sample import SampleOptions, make_sampler
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR (dB) of images in [0, 1]: (B,)."""
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2, axis=(1, 2, 3))
-    return 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
 
 
 def held_out_images(n: int, size: int) -> np.ndarray:
@@ -34,11 +28,8 @@ def held_out_images(n: int, size: int) -> np.ndarray:
 
 
 def tokenizer_psnr(b: ModelBundle, images01: np.ndarray, batch: int = 64) -> float:
-    model = VQVAE(b.vae_cfg)
-    rec = jax.jit(lambda p, x: (model.apply({"params": p}, x * 2 - 1, method=VQVAE.img_to_recon) + 1) / 2)
-    out = np.concatenate(
-        [np.asarray(rec(b.vae_params, images01[i : i + batch])) for i in range(0, len(images01), batch)]
-    )
+    _, recon = tokenizer_fns(b.vae_cfg)
+    out = batched(lambda x: (recon(b.vae_params, x * 2 - 1) + 1) / 2, images01, batch)
     return float(psnr(out, images01).mean())
 
 

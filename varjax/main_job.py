@@ -47,21 +47,18 @@ def _load_config(name: str, overrides: list[str], prefix: str):
 def tokenize_train_split(var_cfg, tokenizer_dir: str, out: str) -> str:
     """Writes a token cache of the training split (centre crops, i.e. exactly the training inputs when the
     config has no crop jitter or flips) so VAR training does not run the encoder at every step."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from varjax.ckpt import load_model_dir
+    from varjax.codec import tokenizer_fns
     from varjax.data import pipeline
-    from varjax.models.vqvae import VQVAE
 
     if (Path(out) / "tokens.npy").is_file():
         return out
     if var_cfg.data.hflip or var_cfg.data.mid_reso != 1.0:
         raise SystemExit("error: the token cache holds centre crops; set --var.data.mid_reso=1.0 and no hflip")
     b = load_model_dir(tokenizer_dir)
-    model = VQVAE(b.vae_cfg)
-    enc = jax.jit(lambda p, x: jnp.concatenate(model.apply({"params": p}, x, method=VQVAE.img_to_idx), axis=1))
+    enc, _ = tokenizer_fns(b.vae_cfg)
     data = var_cfg.data.copy_and_resolve_references()
     data.eval_split = data.train_split
     tokens, labels = [], []
