@@ -1,4 +1,4 @@
-"""Test set-up: 8 virtual CPU devices (for mesh tests) and the shared reference vectors."""
+"""Test set-up: 8 virtual CPU devices (for mesh tests) and the reference vectors in tests/data/golden."""
 
 import os
 from pathlib import Path
@@ -10,12 +10,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-GOLDEN = Path(os.environ.get("VARJAX_GOLDEN", Path(__file__).resolve().parents[1] / ".." / "shared" / "golden"))
+# Reference vectors of the official PyTorch code (see tests/data/golden/README.md); they ship with the tests.
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    d = GOLDEN.resolve()
-    if not (d / "io_public.npz").is_file():
-        pytest.fail(f"reference vectors not found in {d}; set VARJAX_GOLDEN to the folder holding io_public.npz")
-    return d
+    if not (GOLDEN / "io_public.npz").is_file():
+        pytest.fail(f"reference vectors not found in {GOLDEN}: the test data of the repository is incomplete")
+    return GOLDEN

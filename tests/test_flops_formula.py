@@ -7,9 +7,10 @@ import types
 import numpy as np
 import pytest
 
+from tests.conftest import GOLDEN
 from varjax.scaling import flops
 
-LAYOUTS = "/work/shared/golden/official_checkpoint_layouts.json"
+LAYOUTS = GOLDEN / "official_checkpoint_layouts.json"
 OFFICIAL_PARAMS = {
     "var_d16": 310_283_520,
     "var_d20": 600_917_136,

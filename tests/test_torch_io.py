@@ -18,10 +18,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from tests.conftest import GOLDEN
 from varjax.torch_io import UnsafeCheckpointError, load_state_dict, load_torch_pickle, save_state_dict_pth
-
-GOLDEN = "/work/shared/golden"
-needs_golden = pytest.mark.skipif(not os.path.isdir(GOLDEN), reason="reference checkpoints not present")
 
 # ------------------------------------------------------------------------------ hand-written pickles
 
@@ -113,7 +111,6 @@ def _nested_file(tmp_path, body: bytes, name="nested.pth") -> str:
 # ---------------------------------------------------------------------------------- reference files
 
 
-@needs_golden
 def test_reads_reference_vqvae_checkpoint():
     sd = load_state_dict(f"{GOLDEN}/vqvae_public.pth")
     assert type(sd) is dict
@@ -127,7 +124,6 @@ def test_reads_reference_vqvae_checkpoint():
     assert np.abs(sd["quantize.embedding.weight"]).max() > 0
 
 
-@needs_golden
 def test_reads_reference_var_checkpoint():
     sd = load_state_dict(f"{GOLDEN}/var_public.pth")
     lvl = sd["lvl_1L"]
