@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from varjax import paths
 from varjax.models.var import VARConfig
 from varjax.models.vqvae import VQVAEConfig
 from varjax.train.checkpointing import load_params_dir, save_params_dir
@@ -39,14 +38,10 @@ class ModelBundle:
     var_params: dict | None = None
 
 
-def _abs(path) -> str:
-    return os.path.abspath(os.fspath(path))
-
-
 def save_model_dir(
     path, vae_cfg: VQVAEConfig, vae_params, var_cfg: VARConfig | None = None, var_params=None, extra: dict | None = None
 ) -> None:
-    out = Path(path)
+    out = paths.resolve(path)
     out.mkdir(parents=True, exist_ok=True)
     save_params_dir(out / "vae", vae_params, overwrite=True)
     if var_params is not None:
@@ -62,13 +57,11 @@ def save_model_dir(
 
 
 def write_model_json(path, meta: dict) -> None:
-    tmp = Path(path) / (MODEL_JSON + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, Path(path) / MODEL_JSON)  # atomic: readers never see a half-written file
+    paths.write_text(paths.resolve(path) / MODEL_JSON, json.dumps(meta, indent=2))
 
 
 def read_model_json(path) -> dict:
-    f = Path(path) / MODEL_JSON
+    f = paths.resolve(path) / MODEL_JSON
     if not f.is_file():
         raise ValueError(
             f"{path}: not a varjax model directory or training workdir (no {MODEL_JSON}). Create one with "
@@ -80,47 +73,86 @@ def read_model_json(path) -> dict:
     return meta
 
 
-def _latest_checkpoint_step(ckpt_dir: Path) -> int | None:
-    with ocp.CheckpointManager(_abs(ckpt_dir)) as mgr:
-        return mgr.latest_step()
+def _restore_args(meta_tree, sharding):
+    """Per-leaf restore arguments: host numpy (``sharding`` None), one sharding for all, or a tree of them."""
+    if sharding is None:
+        return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta_tree)
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), meta_tree)
+    return jax.tree.map(lambda _, s: ocp.ArrayRestoreArgs(sharding=s), meta_tree, sharding)
 
 
-def _load_entry(base: Path, entry: dict, what: str) -> dict:
+def _restore_subtree(item_dir, subtree: list[str], sharding) -> dict:
+    """Only ``subtree`` of the Orbax pytree in ``item_dir`` (a partial restore: nothing else is read)."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(item_dir).item_metadata.tree
+        part = meta
+        for k in subtree:
+            part = part[k]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), part)
+        args = _restore_args(part, sharding)
+        for k in reversed(subtree):
+            target, args = {k: target}, {k: args}
+        tree = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=args,
+                                                                    partial_restore=True))
+    for k in subtree:
+        tree = tree[k]
+    return tree
+
+
+def load_params(path, which: str = "var", *, sharding=None) -> dict:
+    """Parameters of the tokenizer (``which='vae'``) or transformer (``'var'``) of a model directory or workdir.
+
+    A training workdir's checkpoint holds the whole train state; only the parameter subtree named in its
+    ``varjax_model.json`` is read (no optimizer moments, discriminator or EMA beside it), so memory is that of
+    the parameters alone and the saving device layout does not matter.
+
+    Args:
+      path: model directory (``varjax convert``) or training workdir, local or a URL.
+      which: 'vae' or 'var'.
+      sharding: None for host numpy arrays; a ``jax.sharding.Sharding`` to place every leaf with it (e.g.
+        ``SingleDeviceSharding(jax.devices()[0])`` or a replicated ``NamedSharding`` of the current mesh); or a
+        pytree of shardings matching the parameters.
+
+    Raises:
+      ValueError: when the directory has no entry for ``which`` or no finished checkpoint yet.
+    """
+    base = paths.resolve(path)
+    meta = read_model_json(base)
+    entry = meta.get(which)
+    if entry is None:
+        raise ValueError(f"{base / MODEL_JSON}: has no '{which}' entry.")
     src = entry["params"]
     if "dir" in src:
-        return load_params_dir(base / src["dir"])
+        if sharding is None:
+            return load_params_dir(base / src["dir"])
+        return _restore_subtree(base / src["dir"], [], sharding)
     if "model_dir" in src:  # another model directory (e.g. the tokenizer a VAR run was trained with)
-        other = Path(src["model_dir"])
-        other = other if other.is_absolute() else base / other
-        return load_model_dir(other).__getattribute__(f"{what}_params")
+        other = paths.resolve(src["model_dir"]) if paths.is_url(src["model_dir"]) else base / src["model_dir"]
+        return load_params(other, which, sharding=sharding)
     if "checkpoint" in src:
         ckpt_dir = base / src["checkpoint"]
-        step = _latest_checkpoint_step(ckpt_dir)
+        with ocp.CheckpointManager(ckpt_dir) as mgr:
+            step = mgr.latest_step()
         if step is None:
             raise ValueError(f"{ckpt_dir}: no finished checkpoint yet; train longer or wait for the first save.")
-        with ocp.CheckpointManager(_abs(ckpt_dir)) as mgr:
-            restored = mgr.restore(
-                step, args=ocp.args.Composite(**{src.get("item", "state"): ocp.args.StandardRestore()})
-            )
-        tree = restored[src.get("item", "state")]
-        for k in src.get("subtree", []):
-            tree = tree[k]
-        return jax.tree.map(np.asarray, tree)
-    raise ValueError(f"{base / MODEL_JSON}: entry '{what}' has no parameter source (dir, model_dir or checkpoint).")
+        return _restore_subtree(ckpt_dir / str(step) / src.get("item", "state"), list(src.get("subtree", [])),
+                                sharding)
+    raise ValueError(f"{base / MODEL_JSON}: entry '{which}' has no parameter source (dir, model_dir or checkpoint).")
 
 
 def load_model_dir(path, need_var: bool = False) -> ModelBundle:
     """Loads configs and parameters from a model directory or training workdir."""
-    base = Path(path)
+    base = paths.resolve(path)
     meta = read_model_json(base)
     if meta.get("vae") is None:
         raise ValueError(f"{base / MODEL_JSON}: has no tokenizer ('vae') entry.")
     vae_cfg = VQVAEConfig.from_dict(meta["vae"]["config"])
-    vae_params = _load_entry(base, meta["vae"], "vae")
+    vae_params = load_params(base, "vae")
     var_cfg = var_params = None
     if meta.get("var") is not None:
         var_cfg = VARConfig.from_dict(meta["var"]["config"])
-        var_params = _load_entry(base, meta["var"], "var")
+        var_params = load_params(base, "var")
     elif need_var:
         raise ValueError(
             f"{base}: holds only a tokenizer; sampling needs a VAR transformer too (convert with --var, or "

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varjax import paths
 from varjax.ckpt import ModelBundle, load_model_dir
 from varjax.codec import batched, psnr, tokenizer_fns
 from varjax.data.shapes import NUM_CLASSES, classify_shapes, draw_example
@@ -105,7 +105,7 @@ def run_cli(argv: list[str]) -> None:
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    out = Path(a.out or Path(a.ckpt) / "eval.json")
-    out.write_text(json.dumps(res, indent=2))
+    out = a.out or paths.resolve(a.ckpt) / "eval.json"
+    paths.write_text(out, json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     print(f"[eval] wrote {out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -89,8 +90,12 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str | os.PathLike, image_HW3: np.ndarray) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(image_HW3)).save(path)
+    """Writes a PNG (local path or URL, parent directories created)."""
+    from varjax import paths
+
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image_HW3)).save(buf, format="PNG")
+    paths.write_bytes(path, buf.getvalue())
 
 
 def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int) -> None:

@@ -12,36 +12,21 @@ Extra ``--tok.field=value`` / ``--var.field=value`` flags override the two confi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
+
+from varjax import paths
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _load_config(name: str, overrides: list[str], prefix: str):
-    """Loads ``configs/<name>.py`` and applies ``--<prefix>.a.b=value`` overrides (values parsed as Python)."""
-    import ast
+    """Loads ``configs/<name>.py`` and applies ``--<prefix>.a.b=value`` overrides (the training commands' parser)."""
+    from varjax.train.cli_flags import config_from_args, split_overrides
 
-    spec = importlib.util.spec_from_file_location(name, REPO_CONFIGS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    for o in overrides:
-        key, _, val = o[len(prefix) + 3 :].partition("=")
-        try:
-            val = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            pass  # a plain string
-        target = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            target = target[p]
-        if parts[-1] not in target:
-            raise SystemExit(f"error: --{prefix}.{key}: no such field in configs/{name}.py")
-        target[parts[-1]] = val
-    return cfg
+    _, parsed = split_overrides(list(overrides), prefix)
+    return config_from_args(str(REPO_CONFIGS / f"{name}.py"), parsed, prefix=prefix)
 
 
 def tokenize_train_split(var_cfg, tokenizer_dir: str, out: str) -> str:
@@ -53,7 +38,7 @@ def tokenize_train_split(var_cfg, tokenizer_dir: str, out: str) -> str:
     from varjax.codec import tokenizer_fns
     from varjax.data import pipeline
 
-    if (Path(out) / "tokens.npy").is_file():
+    if (paths.resolve(out) / "tokens.npy").is_file():
         return out
     if var_cfg.data.hflip or var_cfg.data.mid_reso != 1.0:
         raise SystemExit("error: the token cache holds centre crops; set --var.data.mid_reso=1.0 and no hflip")
@@ -78,11 +63,11 @@ def run(workdir: str, tok_overrides: list[str], var_overrides: list[str], per_cl
     from varjax.sample import SampleOptions
     from varjax.train import tok_trainer, var_trainer
 
-    wd = Path(workdir)
+    wd = paths.resolve(workdir)
     t0 = time.time()
     tok_cfg = _load_config("tokenizer_shapes", tok_overrides, "tok")
     var_cfg = _load_config("var_shapes", var_overrides, "var")
-    var_cfg.tokenizer_dir = str((wd / "tokenizer").resolve())
+    var_cfg.tokenizer_dir = str(wd / "tokenizer")
     print("[main] 1/3 training the tokenizer", flush=True)
     tok_trainer.train(tok_cfg, str(wd / "tokenizer"))
     if not var_cfg.data.tokens_cache:
@@ -94,7 +79,7 @@ def run(workdir: str, tok_overrides: list[str], var_overrides: list[str], per_cl
     opts = SampleOptions(cfg=4.0, top_k=20, top_p=0.0)
     res = evaluate.evaluate(str(wd / "var"), per_class=per_class, opts=opts, grid=str(wd / "samples.png"))
     res["total_seconds"] = time.time() - t0
-    (wd / "eval.json").write_text(json.dumps(res, indent=2))
+    paths.write_text(wd / "eval.json", json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     print(f"[main] samples: {wd / 'samples.png'}   numbers: {wd / 'eval.json'}")
     return res

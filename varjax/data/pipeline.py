@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -564,24 +565,27 @@ def write_token_cache(path: str, tokens_BL: np.ndarray, labels_B: np.ndarray) ->
                          f"{labels.dtype} {labels.shape}.")
     info16 = np.iinfo(np.int16)
     fits16 = tokens.size == 0 or (tokens.min() >= info16.min and tokens.max() <= info16.max)
-    os.makedirs(path, exist_ok=True)
+    from varjax import paths
+
     for name, array in ((_TOKENS_FILE, tokens.astype(np.int16 if fits16 else np.int32)),
                         (_LABELS_FILE, labels.astype(np.int32))):
-        tmp = os.path.join(path, name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, os.path.join(path, name))  # readers never see a half-written file
+        paths.write_bytes(paths.resolve(path) / name, paths.save_npy_bytes(array))
 
 
 def read_token_cache(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(tokens (N, L) memory-mapped, labels (N,) int32) of a cache written by `write_token_cache`."""
-    files = [os.path.join(path, name) for name in (_TOKENS_FILE, _LABELS_FILE)]
-    if not all(os.path.isfile(f) for f in files):
+    from varjax import paths
+
+    files = [paths.resolve(path) / name for name in (_TOKENS_FILE, _LABELS_FILE)]
+    if not all(f.is_file() for f in files):
         raise ValueError(
-            f"data config: tokens_cache={path!r} is not a token cache; expected {' and '.join(files)} "
+            f"data config: tokens_cache={path!r} is not a token cache; expected {' and '.join(map(str, files))} "
             "(written by varjax.data.pipeline.write_token_cache)."
         )
-    tokens, labels = np.load(files[0], mmap_mode="r"), np.load(files[1])
+    if paths.is_url(files[0]):  # remote: read into memory (memory maps need a local file)
+        tokens, labels = (np.load(io.BytesIO(f.read_bytes())) for f in files)
+    else:
+        tokens, labels = np.load(files[0], mmap_mode="r"), np.load(files[1])
     if tokens.ndim != 2 or labels.shape != (tokens.shape[0],):
         raise ValueError(f"data config: tokens_cache={path!r} holds tokens {tokens.shape} and labels "
                          f"{labels.shape}; expected (N, L) and (N,).")

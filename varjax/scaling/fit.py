@@ -15,11 +15,12 @@ The math (`fit_power_law`, `pareto_frontier`, `fit_report`) is pure; `write_fit_
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -246,14 +247,15 @@ def write_fit_outputs(
       the run's log-space residual (empty where the run was not part of that fit).
     Returns a dict of the three paths.
     """
+    from varjax import paths as vpaths
+
     reports = report_list(report)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {name: os.path.join(out_dir, name) for name in ("fits.json", "fits.csv", "points.csv")}
+    out = vpaths.resolve(out_dir)
+    paths = {name: str(out / name) for name in ("fits.json", "fits.csv", "points.csv")}
+    vpaths.write_text(paths["fits.json"], json.dumps({"reports": reports, "runs": [dict(r) for r in records]},
+                                                     indent=2, default=float))
 
-    with open(paths["fits.json"], "w") as f:
-        json.dump({"reports": reports, "runs": [dict(r) for r in records]}, f, indent=2, default=float)
-
-    with open(paths["fits.csv"], "w", newline="") as f:
+    with _csv_file(paths["fits.csv"]) as f:
         writer = csv.writer(f)
         writer.writerow(FITS_CSV_COLUMNS)
         for rep in reports:
@@ -268,7 +270,7 @@ def write_fit_outputs(
             by_run = dict(zip(fit["indices"], fit["residuals"], strict=True))
             residual_cols[f"res_{y_key}_vs_{rep['x']}"] = by_run
     names = run_names(records)
-    with open(paths["points.csv"], "w", newline="") as f:
+    with _csv_file(paths["points.csv"]) as f:
         writer = csv.writer(f)
         writer.writerow(["name", *value_keys, *residual_cols])
         for i, rec in enumerate(records):
@@ -276,3 +278,13 @@ def write_fit_outputs(
             residuals = [_csv_value(col.get(i)) for col in residual_cols.values()]
             writer.writerow([names[i], *values, *residuals])
     return paths
+
+
+@contextlib.contextmanager
+def _csv_file(path: str):
+    """A text buffer written to ``path`` (local or URL) when the block ends."""
+    from varjax import paths as vpaths
+
+    buf = io.StringIO(newline="")
+    yield buf
+    vpaths.write_text(path, buf.getvalue())

@@ -7,7 +7,7 @@ the Pareto frontier (the ones fitted) are drawn solid and the rest faded.
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -80,7 +80,8 @@ def plot_fits(records: Sequence[Mapping[str, Any]], report: Mapping[str, Any], o
       report: one `fit_report` result or a dict of them, as from `scaling_report`.
       out_dir: created if needed.
     """
-    os.makedirs(out_dir, exist_ok=True)
+    from varjax import paths as vpaths
+
     paths = []
     for rep in report_list(report):
         x_key, fits = rep["x"], rep["fits"]
@@ -90,8 +91,10 @@ def plot_fits(records: Sequence[Mapping[str, Any]], report: Mapping[str, Any], o
             y = np.asarray([float(r[y_key]) for r in records])
             _draw_panel(ax, x, y, fit, x_key, y_key, rep["frontier"])
         fig.tight_layout()
-        path = os.path.join(out_dir, f"scaling_{x_key}.png")
-        fig.savefig(path, dpi=120)
+        path = str(vpaths.resolve(out_dir) / f"scaling_{x_key}.png")
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=120, format="png")
+        vpaths.write_bytes(path, buf.getvalue())
         plt.close(fig)
         paths.append(path)
     return paths

@@ -34,10 +34,12 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import ml_collections
+from etils.epath import Path
+
+from varjax import paths
 
 SWEEP_JSON = "sweep.json"
 DONE_JSON = "done.json"
@@ -119,20 +121,13 @@ def _member_arg(arg: str, name: str) -> str:
 
 def build_member_config(config: str, name: str, overrides: list[str]) -> ml_collections.ConfigDict:
     """Exactly what ``varjax train --config CONFIG:member=NAME OVERRIDES...`` would build."""
-    from absl import flags
-    from ml_collections import config_flags
+    from varjax.train.cli_flags import config_from_args, split_overrides
 
     path, arg = _split_config_arg(config)
-    argv = ["varjax sweep", f"--config={path}:{_member_arg(arg, name)}", *overrides]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "sweep member config", flag_values=fv, lock_config=True, sys_argv=argv
-    )
-    try:
-        fv(argv)
-    except flags.Error as e:
-        raise SystemExit(f"error: {e}") from None
-    return fv.config
+    rest, parsed = split_overrides(list(overrides))
+    if rest:
+        raise ValueError(f"sweep overrides must be written --config.field=value; got {rest}.")
+    return config_from_args(f"{path}:{_member_arg(arg, name)}", parsed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,13 +210,11 @@ def accounting(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=repr) + "\n")
-    os.replace(tmp, path)
+    paths.write_json(path, obj)
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    return paths.read_json(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,21 +227,14 @@ def _parse_launch(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--root", required=True, help="sweep directory; member <name> trains in ROOT/<name>")
     p.add_argument("--print-commands", action="store_true", help="print one `varjax train` line per member")
     p.add_argument("--only", default=None, help="comma-separated member names (default: all)")
-    a, rest = p.parse_known_args(argv[1:])
-    bad = [r for r in rest if not r.startswith("--config.")]
+    from varjax.train.cli_flags import split_overrides
+
+    rest, parsed = split_overrides(argv[1:])
+    a, bad = p.parse_known_args(rest)
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are written --config.field=value)")
-    # '--config.x value' (two words) -> '--config.x=value', so the overrides can be forwarded verbatim
-    overrides, i = [], 0
-    while i < len(rest):
-        r = rest[i]
-        if "=" not in r and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-            overrides.append(f"{r}={rest[i + 1]}")
-            i += 2
-        else:
-            overrides.append(r)
-            i += 1
-    return a, overrides
+    # normalised to '--config.x=value', so the overrides can be forwarded verbatim to `varjax train`
+    return a, [f"--config.{key}={text}" for key, text in parsed]
 
 
 def launch(
@@ -268,7 +254,7 @@ def launch(
         if unknown:
             raise SystemExit(f"error: --only names unknown members {sorted(unknown)}")
         members = [m for m in members if m["name"] in only]
-    rootp = Path(root)
+    rootp = paths.resolve(root)
     rootp.mkdir(parents=True, exist_ok=True)
     _write_json(
         rootp / SWEEP_JSON, {"config": config, "overrides": list(overrides), "members": [m["name"] for m in members]}
@@ -336,7 +322,7 @@ def launch(
 
 
 def read_metrics(workdir: Path) -> list[dict]:
-    f = Path(workdir) / "metrics.jsonl"
+    f = paths.resolve(workdir) / "metrics.jsonl"
     if not f.is_file():
         return []
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
@@ -374,7 +360,7 @@ def member_record(workdir: Path, evaluate: bool = True) -> dict | None:
     """The fit record of a finished member, or None when it is not finished."""
     from varjax.train.config_utils import load_config_json
 
-    workdir = Path(workdir)
+    workdir = paths.resolve(workdir)
     acc_f = workdir / ACCOUNTING_JSON
     if not acc_f.is_file():
         return None
@@ -427,7 +413,7 @@ def fit(root: str, out: str | None = None, evaluate: bool = True) -> dict:
     from varjax.scaling.fit import scaling_report, write_fit_outputs
     from varjax.scaling.plot import plot_fits
 
-    rootp = Path(root)
+    rootp = paths.resolve(root)
     if not rootp.is_dir():
         raise SystemExit(f"error: sweep root {root} does not exist")
     out = out or str(rootp / "fit")
@@ -441,7 +427,7 @@ def fit(root: str, out: str | None = None, evaluate: bool = True) -> dict:
         raise SystemExit(f"error: {len(records)} finished member(s) under {root}; a fit needs at least 2.")
     records.sort(key=lambda r: r["N"])
     report = scaling_report(records)
-    paths = write_fit_outputs(report, records, out)
+    written = write_fit_outputs(report, records, out)
     pngs = plot_fits(records, report, out)
     print(f"[sweep] {len(records)} runs (C in PFLOPs):")
     for r in records:
@@ -453,8 +439,8 @@ def fit(root: str, out: str | None = None, evaluate: bool = True) -> dict:
         print(f"[sweep] laws vs {x_key}{' (Pareto frontier)' if rep['frontier'] else ''}:")
         for y_key, f in rep["fits"].items():
             print("  " + format_law(f, x_key, y_key))
-    print(f"[sweep] wrote {', '.join(sorted(paths.values()))}, {', '.join(pngs)}", flush=True)
-    return {"records": records, "report": report, "paths": {**paths, "png": pngs}}
+    print(f"[sweep] wrote {', '.join(sorted(written.values()))}, {', '.join(pngs)}", flush=True)
+    return {"records": records, "report": report, "paths": {**written, "png": pngs}}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ that exists is a finished checkpoint; :meth:`Checkpointer.latest_step` only sees
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -21,6 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from varjax import paths
 
 _STATE = "state"
 _META = "meta"
@@ -43,7 +44,7 @@ class Checkpointer:
           max_to_keep: number of most recent checkpoints kept (None keeps all).
           async_save: write in a background thread.
         """
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = paths.resolve(workdir) / "checkpoints"
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             # Multiples of the interval, plus the multi-host preemption sync step; unlike Orbax's default,
@@ -134,8 +135,8 @@ def save_params_dir(path: str, params: Any, *, overwrite: bool = False) -> None:
     Raises:
       FileExistsError: when ``path`` exists and ``overwrite`` is False.
     """
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
+    path = paths.resolve(path)
+    if path.exists() and not overwrite:
         raise FileExistsError(f"Parameter directory {path} exists; pass overwrite=True to replace it.")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params, force=overwrite)
@@ -150,8 +151,8 @@ def load_params_dir(path: str, abstract: Any = None) -> Any:
       abstract: pytree of ``jax.ShapeDtypeStruct`` (with ``sharding``) to restore onto devices with
         those shardings, or None to get host ``numpy`` arrays with the saved shapes and dtypes.
     """
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = paths.resolve(path)
+    if not path.is_dir():
         raise FileNotFoundError(f"Parameter directory {path} does not exist.")
     if abstract is not None:
         with ocp.StandardCheckpointer() as ckptr:

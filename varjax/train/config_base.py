@@ -27,7 +27,12 @@ def base_run() -> ml_collections.ConfigDict:
     c.total_examples = ml_collections.FieldReference(None, field_type=int)
     c.mesh = list(DEFAULT_MESH)
     c.rules = list(DEFAULT_RULES) + list(ACTIVATION_RULES)
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    # Multi-process settings; None = unset (detected from the launcher's environment, see
+    # varjax/train/sharding.py:init_distributed).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+    c.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
+    c.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
     c.log_every = 50
     c.ckpt_every = 1000
     c.keep_ckpts = 3

@@ -7,8 +7,6 @@ Config files define ``get_config(arg)``; ``arg`` is the text after ':' in
 from __future__ import annotations
 
 import ast
-import json
-import os
 from typing import Any
 
 import ml_collections
@@ -178,18 +176,17 @@ def save_config(cfg, workdir: str, *, is_primary: bool = True) -> None:
     Only the primary process writes (pass ``is_primary=jax.process_index() == 0``). Values JSON cannot
     hold are written as their repr.
     """
+    from varjax import paths
+
     if not is_primary:
         return
-    os.makedirs(workdir, exist_ok=True)
     cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(cfg_dict, f, indent=2, default=repr)
-        f.write("\n")
-    with open(os.path.join(workdir, "config.txt"), "w") as f:
-        f.write(format_config(cfg) + "\n")
+    paths.write_json(paths.resolve(workdir) / "config.json", cfg_dict)
+    paths.write_text(paths.resolve(workdir) / "config.txt", format_config(cfg) + "\n")
 
 
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
     """Reads back ``workdir/config.json`` as a ConfigDict (lists stay lists)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    from varjax import paths
+
+    return ml_collections.ConfigDict(paths.read_json(paths.resolve(workdir) / "config.json"))

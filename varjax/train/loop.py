@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from varjax import paths
 from varjax.data import pipeline
 from varjax.train import checkpointing, config_utils, metrics, sharding
 
@@ -60,10 +60,16 @@ class Setup:
     is_primary: bool
 
 
-def prepare(cfg: ml_collections.ConfigDict, workdir: str, image_size: int) -> Setup:
-    """Distributed init, mesh, config dump and the training data iterator."""
+def prepare(cfg: ml_collections.ConfigDict, workdir: str, image_size: int, name: str = "train") -> Setup:
+    """Distributed init, mesh, config dump and the training data iterator.
+
+    Prints ``[name] process I/N, X local devices, Y global devices`` first. ``workdir`` may be a URL
+    (``gs://...``); ``Setup.workdir`` is it as given for URLs, else absolute.
+    """
     jax.config.update("jax_threefry_partitionable", True)  # random numbers independent of the mesh
     sharding.init_distributed(cfg.get("distributed"))
+    print(f"[{name}] {sharding.describe_processes()}", flush=True)
+    workdir = str(paths.resolve(workdir))
     mesh = sharding.create_mesh(cfg.mesh)
     rules = sharding.normalize_rules(cfg.get("rules"))
     sharding.check_batch_divisible(cfg.batch_size, mesh, field="config.batch_size")
@@ -73,7 +79,8 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str, image_size: int) -> Se
             f"({jax.process_count()}): each process feeds an equal slice of every global batch."
         )
     is_primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    if is_primary:
+        paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
     config_utils.save_config(cfg, workdir, is_primary=is_primary)
     train_iter = pipeline.build_train_iter(
         cfg.data,
@@ -144,8 +151,14 @@ def train_and_evaluate(setup: Setup, task: Task) -> dict:
     last: dict = {}
     t_log, n_log = time.time(), 0
 
+    saved_step = start  # the step of the newest checkpoint started here (or restored)
+
     def save(step: int, force: bool) -> None:
-        ckpt.save(step, state, {"data": setup.train_iter.state(), "step": step}, force=force)
+        nonlocal saved_step
+        if step == saved_step:  # e.g. a preemption notice on a checkpoint step: that step is already saved
+            return
+        if ckpt.save(step, state, {"data": setup.train_iter.state(), "step": step}, force=force):
+            saved_step = step
 
     step = start
     while step < setup.total_steps:
@@ -161,7 +174,7 @@ def train_and_evaluate(setup: Setup, task: Task) -> dict:
                 ckpt.wait()
                 raise NonFiniteLossError(
                     f"non-finite loss ({m['loss']}) at step {step}; stopping without saving. The last good "
-                    f"checkpoint (step {ckpt.latest_step()}) in {setup.workdir}/checkpoints is intact; lower "
+                    f"checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is intact; lower "
                     "the learning rate (config.opt / config.tblr) or check the data, then re-run to resume."
                 )
             dt = time.time() - t_log

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import numbers
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import numpy as np
+
+from varjax import paths
 
 
 def to_python_scalar(value: Any) -> Any:
@@ -40,21 +42,25 @@ class MetricsWriter:
 
     ``metrics.jsonl`` holds one JSON object per :meth:`write`, e.g. ``{"step": 10, "loss": 5.1}``; it is
     appended to, so a resumed run continues it (call :meth:`truncate_after` with the restored step first
-    to drop lines of steps that are being redone).
+    to drop lines of steps that are being redone). ``workdir`` may be a URL: object stores cannot append,
+    so there the file is rewritten whole at each write. TensorBoard events go to ``workdir/tb`` on local
+    disk, and on ``gs://`` / ``s3://`` when tensorboardX's client library for it is installed
+    (google-cloud-storage / boto3); otherwise they are skipped with a note.
     """
 
     def __init__(self, workdir: str, is_primary: bool = True, *, tensorboard: bool = True):
-        self.workdir = workdir
+        self.workdir = str(paths.resolve(workdir))
         self.is_primary = is_primary
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.jsonl_path = str(paths.resolve(workdir) / "metrics.jsonl")
+        self._remote = paths.is_url(self.workdir)
         self._tb = None
         if not is_primary:
             return
-        os.makedirs(workdir, exist_ok=True)
-        if tensorboard:
+        paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
+        if tensorboard and _tensorboard_supported(self.workdir):
             from tensorboardX import SummaryWriter  # imported lazily: heavy and only needed on host 0
 
-            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"))
+            self._tb = SummaryWriter(logdir=f"{self.workdir}/tb")
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Appends ``{"step": step, **metrics}`` (scalars converted to Python numbers) and logs them to TB."""
@@ -62,8 +68,13 @@ class MetricsWriter:
             return
         record = {"step": int(step)}
         record.update({k: to_python_scalar(v) for k, v in metrics.items()})
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n")
+        line = json.dumps({k: _json_safe(v) for k, v in record.items()}) + "\n"
+        if self._remote:
+            f = paths.resolve(self.jsonl_path)
+            paths.write_text(f, (f.read_text() if f.exists() else "") + line)
+        else:
+            with open(self.jsonl_path, "a") as fh:
+                fh.write(line)
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -84,10 +95,10 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> int:
         """Drops lines of ``metrics.jsonl`` whose step is > ``step``; returns how many were dropped."""
-        if not self.is_primary or not os.path.exists(self.jsonl_path):
+        f = paths.resolve(self.jsonl_path)
+        if not self.is_primary or not f.exists():
             return 0
-        with open(self.jsonl_path) as f:
-            lines = f.readlines()
+        lines = f.read_text().splitlines(keepends=True)
         kept = []
         for line in lines:
             try:
@@ -96,10 +107,7 @@ class MetricsWriter:
                 keep = False  # a line cut short by a crash mid-write
             if keep:
                 kept.append(line)
-        tmp = self.jsonl_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.jsonl_path)
+        paths.write_text(f, "".join(kept))
         return len(lines) - len(kept)
 
     def flush(self) -> None:
@@ -113,9 +121,25 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """All records of a ``metrics.jsonl`` file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a ``metrics.jsonl`` file (local path or URL)."""
+    return [json.loads(line) for line in paths.resolve(path).read_text().splitlines() if line.strip()]
+
+
+def _tensorboard_supported(workdir: str) -> bool:
+    """Whether tensorboardX can write events under ``workdir`` (prints why not when it cannot)."""
+    if not paths.is_url(workdir):
+        return True
+    scheme = workdir.split("://", 1)[0]
+    module = {"gs": "google.cloud.storage", "s3": "boto3"}.get(scheme)
+    if module is not None:
+        try:
+            importlib.import_module(module)
+            return True
+        except ImportError:
+            pass
+    print(f"[metrics] TensorBoard events are not written for {workdir} (tensorboardX writes gs:// with "
+          "google-cloud-storage and s3:// with boto3 installed); metrics.jsonl has every logged value.", flush=True)
+    return False
 
 
 def format_eta(seconds: float) -> str:

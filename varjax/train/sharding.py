@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -218,31 +218,98 @@ def make_global_batch(local_batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(to_global, local_batch)
 
 
-def init_distributed(cfg: Any = None) -> None:
-    """Starts ``jax.distributed`` for multi-process runs; a no-op for a single process.
+_DISTRIBUTED_FIELDS = ("coordinator_address", "num_processes", "process_id")
 
-    Explicit ``cfg.coordinator_address`` / ``cfg.num_processes`` / ``cfg.process_id`` are used when set.
-    Otherwise JAX auto-detects the cluster (TPU pods, SLURM, Open MPI, ``JAX_COORDINATOR_ADDRESS``...);
-    this is attempted only when such an environment is visible, so a plain single-process run never
-    blocks waiting for a coordinator. Must run before any other JAX call touches the devices.
+
+def _int_env(environ: Mapping[str, str], key: str) -> int | None:
+    try:
+        return int(environ[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def detect_multiprocess_launch(environ: Mapping[str, str]) -> str | None:
+    """Which launcher started this process as one of several, read from ``environ``; None for a single process.
+
+    Recognised: ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (a count of 1 means
+    single-process), SLURM with more than one task, Open MPI with more than one rank, and TPU workers
+    listed in ``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES`` (more than one) or a multislice
+    ``MEGASCALE_COORDINATOR_ADDRESS``. Cloud TPU VMs that only reveal their pod through the metadata server
+    are checked separately (:func:`_tpu_vm_process_count`).
     """
-    get = (lambda k: cfg.get(k)) if cfg is not None and hasattr(cfg, "get") else (lambda k: None)
-    explicit = {k: get(k) for k in ("coordinator_address", "num_processes", "process_id")}
-    explicit = {k: v for k, v in explicit.items() if v is not None}
-    if explicit:
-        if explicit.get("num_processes", 2) > 1:
-            jax.distributed.initialize(**explicit)
+    jax_count = _int_env(environ, "JAX_NUM_PROCESSES")
+    if jax_count is not None:
+        return f"JAX_NUM_PROCESSES={jax_count}" if jax_count > 1 else None
+    if environ.get("JAX_COORDINATOR_ADDRESS") or environ.get("JAX_PROCESS_ID"):
+        return "JAX_COORDINATOR_ADDRESS / JAX_PROCESS_ID"
+    slurm = _int_env(environ, "SLURM_STEP_NUM_TASKS") or _int_env(environ, "SLURM_NTASKS")
+    if slurm is not None:
+        return f"SLURM ({slurm} tasks)" if slurm > 1 else None
+    ompi = _int_env(environ, "OMPI_COMM_WORLD_SIZE")
+    if ompi is not None:
+        return f"Open MPI ({ompi} ranks)" if ompi > 1 else None
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
+    if environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "TPU multislice"
+    if hosts and len([h for h in hosts.split(",") if h.strip()]) > 1:
+        return f"TPU pod ({len(hosts.split(','))} workers)"
+    return None
+
+
+def _tpu_vm_process_count() -> int:
+    """Worker count of a Cloud TPU VM slice from its metadata server (1 off TPU VMs or when unknown)."""
+    try:
+        from jax._src.clusters import cloud_tpu_cluster as tpu
+    except ImportError:
+        return 1
+    if not getattr(tpu, "running_in_cloud_tpu_vm", False):
+        return 1
+    try:
+        return tpu.GceTpuCluster.get_process_count() if tpu.GceTpuCluster.is_env_present() else 1
+    except Exception:  # noqa: BLE001 - no metadata server: treat as one host
+        return 1
+
+
+def distributed_kwargs(cfg: Any, environ: Mapping[str, str]) -> dict | None:
+    """Arguments for ``jax.distributed.initialize``, or None when this run is a single process.
+
+    Fields of ``cfg`` (``config.distributed``) that are set (not None) win; ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` fill the others (JAX itself reads only ``JAX_COORDINATOR_ADDRESS``); JAX's cluster
+    detection (SLURM, Open MPI, TPU) supplies whatever is still missing.
+    """
+    get = cfg.get if cfg is not None and hasattr(cfg, "get") else (lambda k: None)
+    explicit = {k: get(k) for k in _DISTRIBUTED_FIELDS if get(k) is not None}
+    if not explicit and detect_multiprocess_launch(environ) is None and _tpu_vm_process_count() <= 1:
+        return None
+    kwargs = {}
+    for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if _int_env(environ, env) is not None:
+            kwargs[key] = _int_env(environ, env)
+    kwargs.update(explicit)
+    if kwargs.get("num_processes") == 1:
+        return None
+    return kwargs
+
+
+def init_distributed(cfg: Any = None, environ: Mapping[str, str] | None = None) -> None:
+    """Starts ``jax.distributed`` when this process is one of several; a no-op for a single process.
+
+    ``cfg`` is ``config.distributed`` (fields None = unset); see :func:`distributed_kwargs` for how the
+    settings are chosen. CPU processes exchange collectives over gloo. Must run before any other JAX call
+    touches the devices; a second call (e.g. the next stage of ``varjax main``) does nothing.
+    """
+    kwargs = distributed_kwargs(cfg, os.environ if environ is None else environ)
+    if kwargs is None or jax.distributed.is_initialized():
         return
-    cluster_env = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                   "MEGASCALE_COORDINATOR_ADDRESS")
-    env = {k: os.environ.get(k) for k in cluster_env}
-    if env["SLURM_NTASKS"] == "1" or env["OMPI_COMM_WORLD_SIZE"] == "1":
-        return
-    hostnames = env["TPU_WORKER_HOSTNAMES"]
-    if hostnames is not None and "," not in hostnames and not env["MEGASCALE_COORDINATOR_ADDRESS"]:
-        return  # a single TPU host
-    if any(env.values()):
-        jax.distributed.initialize()
+    # CPU backends need a collectives implementation to run computations across processes.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+
+
+def describe_processes() -> str:
+    """'process I/N, X local devices, Y global devices' for this process."""
+    return (f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local devices, "
+            f"{jax.device_count()} global devices")
 
 
 def param_count(params: Any) -> int:

@@ -14,6 +14,7 @@ The workdir is a model directory: its ``varjax_model.json`` points at the latest
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +22,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from varjax.ckpt import FORMAT, load_model_dir
+from varjax.ckpt import FORMAT, load_params, read_model_json
 from varjax.data import pipeline
 from varjax.models.discriminator import NLayerDiscriminator, adaptive_weight, adopt_weight, generator_loss, get_d_loss
 from varjax.models.vqvae import VQVAE, VQVAEConfig
-from varjax.train import loop, optim
+from varjax.train import loop, optim, sharding
 
 VAE_FIELDS = tuple(f.name for f in dataclasses.fields(VQVAEConfig))
 # Fields of config.vae that may differ from the tokenizer named by config.init_from (they change training only).
@@ -277,9 +278,19 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, init_params=None, lpips_
 
     export_key = "ema_params" if ema_d > 0 else "params"
 
-    @jax.jit
+    # Evaluation and image logging run on global batches (each process loads its share, as in training);
+    # their outputs are replicated so every process can read them.
+    replicated = sharding.replicated_sharding(setup.mesh) if setup.mesh is not None else None
+
+    @functools.partial(jax.jit, out_shardings=replicated)
     def recon_batch(params, img):
         return vae.apply({"params": params}, img, method=VQVAE.img_to_recon)
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def psnr_sums(params, img, mask):
+        rec = vae.apply({"params": params}, img, method=VQVAE.img_to_recon)
+        p = psnr_01((rec + 1) / 2, (img + 1) / 2)
+        return jnp.stack([(p * mask).sum(), mask.sum()])
 
     eval_iter = None
     if cfg.get("eval_every"):
@@ -292,13 +303,11 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, init_params=None, lpips_
         )
 
     def eval_fn(state):
-        tot, n = 0.0, 0.0
+        tot = np.zeros(2)
         for b in eval_iter:
-            rec = recon_batch(state[export_key], jnp.asarray(b["image"]))
-            p = np.asarray(psnr_01((rec + 1) / 2, (jnp.asarray(b["image"]) + 1) / 2))
-            tot += float((p * b["mask"]).sum())
-            n += float(b["mask"].sum())
-        return {"val_psnr": tot / max(n, 1.0)}
+            g = sharding.make_global_batch({"image": b["image"], "mask": b["mask"].astype(np.float32)}, setup.mesh)
+            tot += np.asarray(psnr_sums(state[export_key], g["image"], g["mask"]))
+        return {"val_psnr": float(tot[0] / max(tot[1], 1.0))}
 
     fixed: dict = {}
 
@@ -311,11 +320,14 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, init_params=None, lpips_
                 cfg.data, image_size=side, global_batch_size=cfg.batch_size, process_index=jax.process_index(),
                 process_count=jax.process_count(),
             )
-            fixed["img"] = jnp.asarray(next(iter(it))["image"][: cfg.get("image_count", 8)])
-        img = fixed["img"]
-        rec = recon_batch(state[export_key], img)
-        pair = jnp.concatenate([img, rec], axis=2)  # original | reconstruction, side by side
-        writer.write_images(step, {"recon": np.asarray(jnp.round((pair + 1) * 127.5).clip(0, 255), np.uint8)})
+            local = next(iter(it))["image"]
+            fixed["img"] = sharding.make_global_batch(local, setup.mesh)
+            fixed["host"] = np.asarray(
+                jax.jit(lambda x: x, out_shardings=replicated)(fixed["img"])[: cfg.get("image_count", 8)])
+        n = cfg.get("image_count", 8)
+        rec = np.asarray(recon_batch(state[export_key], fixed["img"]))[:n]
+        pair = np.concatenate([fixed["host"], rec], axis=2)  # original | reconstruction, side by side
+        writer.write_images(step, {"recon": np.round((pair + 1) * 127.5).clip(0, 255).astype(np.uint8)})
 
     task = loop.Task(
         init_fn=init_fn,
@@ -372,18 +384,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             "--config.init_from=DIR (a `varjax convert` output or a `varjax train-tokenizer` workdir)."
         )
     if cfg.init_from:
-        tok = load_model_dir(cfg.init_from)
-        vae_cfg = finetune_config(cfg, tok.vae_cfg)
-        init_params = tok.vae_params
-        print(f"[train-tokenizer] fine-tuning the tokenizer in {cfg.init_from}", flush=True)
+        meta = read_model_json(cfg.init_from)
+        if meta.get("vae") is None:
+            raise ValueError(f"config.init_from={cfg.init_from!r} holds no tokenizer ('vae' entry).")
+        vae_cfg = finetune_config(cfg, VQVAEConfig.from_dict(meta["vae"]["config"]))
     else:
         vae_cfg = vae_config_from(cfg)
+    # prepare() starts jax.distributed, which must come before any JAX call (loading parameters is one)
+    setup = loop.prepare(cfg, workdir, vae_cfg.image_size, name="train-tokenizer")
+    if cfg.init_from:
+        init_params = load_params(cfg.init_from, "vae")
+        print(f"[train-tokenizer] fine-tuning the tokenizer in {cfg.init_from}", flush=True)
     lpips_params = load_lpips(cfg)
     if cfg.disc_weight <= 0:
         print("[train-tokenizer] discriminator: off (config.disc_weight is 0)", flush=True)
     else:
         print(f"[train-tokenizer] discriminator: on from step {cfg.disc_start} (weight {cfg.disc_weight})", flush=True)
-    setup = loop.prepare(cfg, workdir, vae_cfg.image_size)
     task = build_task(setup, vae_cfg, init_params, lpips_params)
     task.model_json = model_json(vae_cfg, task.export_key)
     return loop.train_and_evaluate(setup, task)

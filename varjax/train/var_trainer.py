@@ -8,7 +8,6 @@ smoothing) averaged uniformly over all tokens, class dropout, drop path, optiona
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from varjax import paths
 from varjax.ckpt import FORMAT, load_model_dir, read_model_json
 from varjax.data import pipeline
 from varjax.models.var import VAR, VARConfig
@@ -235,7 +235,7 @@ def model_json(cfg, vae_cfg: VQVAEConfig, model_cfg: VARConfig) -> dict:
     return {
         "format": FORMAT,
         "version": 1,
-        "vae": {"config": vae_cfg.to_dict(), "params": {"model_dir": os.path.abspath(cfg.tokenizer_dir)}},
+        "vae": {"config": vae_cfg.to_dict(), "params": {"model_dir": str(paths.resolve(cfg.tokenizer_dir))}},
         "var": {
             "config": model_cfg.to_dict(),
             "params": {"checkpoint": "checkpoints", "item": "state", "subtree": ["params"]},
