@@ -1,0 +1,87 @@
+"""Command-line overrides: one parser for ``train``/``train-tokenizer``, ``sweep`` and ``main``; list/tuple fields
+in Python syntax (the README's mesh override), type checks against the field, unknown fields named with the
+closest valid one."""
+
+from pathlib import Path
+
+import pytest
+
+from varjax import cli
+from varjax.train import cli_flags, tok_trainer, var_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+MESH = "[('data',-1),('fsdp',8),('tensor',1)]"
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    got = {}
+
+    def fake_train(cfg, workdir):
+        got["cfg"], got["workdir"] = cfg, workdir
+
+    monkeypatch.setattr(var_trainer, "train", fake_train)
+    monkeypatch.setattr(tok_trainer, "train", fake_train)
+    return got
+
+
+def test_readme_mesh_override_through_the_cli(captured):
+    cli.main(["train", "--config", str(ROOT / "configs/var_d16.py"), "--workdir", "gs://bucket/runs/d16",
+              f"--config.mesh={MESH}", "--config.tokenizer_dir=gs://bucket/ckpt/vae256", "--config.pg=0.5",
+              "--config.data.num_shards", "4", "--config.async_ckpt=false"])
+    cfg = captured["cfg"]
+    assert [tuple(x) for x in cfg.mesh] == [("data", -1), ("fsdp", 8), ("tensor", 1)]
+    assert cfg.tokenizer_dir == "gs://bucket/ckpt/vae256" and captured["workdir"] == "gs://bucket/runs/d16"
+    assert cfg.pg == 0.5 and cfg.data.num_shards == 4 and cfg.async_ckpt is False
+    assert cfg.distributed.num_processes is None  # unset stays unset
+
+
+def test_tuple_field_and_tokenizer_command(captured):
+    cli.main(["train-tokenizer", "--config", str(ROOT / "configs/tokenizer_shapes.py") + ":runlocal", "--workdir",
+              "w", "--config.vae.patch_nums=(1, 2, 3, 4, 6, 8)", "--config.distributed.num_processes=2"])
+    assert tuple(captured["cfg"].vae.patch_nums) == (1, 2, 3, 4, 6, 8)
+    assert captured["cfg"].distributed.num_processes == 2
+
+
+def test_unknown_field_names_the_closest(captured, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--config", str(ROOT / "configs/var_shapes.py"), "--workdir", "w", f"--config.mesj={MESH}"])
+    msg = str(e.value)
+    assert "config.mesj" in msg and "Did you mean --config.mesh?" in msg and "Traceback" not in msg
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--config", str(ROOT / "configs/var_shapes.py"), "--workdir", "w",
+                  "--config.model.dept=4"])
+    assert "Did you mean --config.model.depth?" in str(e.value)
+
+
+@pytest.mark.parametrize("flag,needle", [("--config.mesh=data", "list"), ("--config.batch_size=abc", "int"),
+                                         ("--config.mesh=[1, 2]", "elements like"),
+                                         ("--config.async_ckpt=maybe", "True/False")])
+def test_wrong_types_are_reported(captured, flag, needle):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--config", str(ROOT / "configs/var_shapes.py"), "--workdir", "w", flag])
+    assert needle in str(e.value) and flag.split("=")[0] in str(e.value)
+
+
+def test_main_and_sweep_use_the_same_parser():
+    from varjax.main_job import _load_config
+    from varjax.scaling.sweep import _parse_launch, build_member_config
+
+    cfg = _load_config("var_shapes", [f"--var.mesh={MESH}", "--var.total_steps=7"], "var")
+    assert [tuple(x) for x in cfg.mesh] == [("data", -1), ("fsdp", 8), ("tensor", 1)] and cfg.total_steps == 7
+    with pytest.raises(ValueError, match="Did you mean --var.total_steps"):
+        _load_config("var_shapes", ["--var.total_step=7"], "var")
+    a, overrides = _parse_launch(["varjax sweep launch", "--config", "configs/sweep_shapes.py", "--root", "r",
+                                  "--config.mesh", MESH])
+    assert overrides == [f"--config.mesh={MESH}"]
+    member = build_member_config(str(ROOT / "configs/sweep_shapes.py"), "d2", overrides)
+    assert [tuple(x) for x in member.mesh] == [("data", -1), ("fsdp", 8), ("tensor", 1)]
+
+
+def test_parse_value_units():
+    assert cli_flags.parse_value("None", 3, int) is None
+    assert cli_flags.parse_value("123", "x", str) == "123"
+    assert cli_flags.parse_value("1e-3", 0.1, float) == pytest.approx(1e-3)
+    assert cli_flags.parse_value("[('data', 2)]", [("data", -1)], list) == [("data", 2)]
+    with pytest.raises(ValueError):
+        cli_flags.parse_value("2.5", 1, int)
