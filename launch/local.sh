@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train on one machine (all its local GPUs / TPU chips, or the CPU).
+# Train on one machine: one process driving all its local devices (GPUs, TPU chips or the CPU); no
+# jax.distributed (the trainer prints "[train] process 0/1, D local devices, D global devices").
 #
 # usage: launch/local.sh CONFIG WORKDIR [--config.field=value ...]
 #   launch/local.sh configs/var_shapes.py runs/var_shapes --config.tokenizer_dir=runs/tok_shapes
@@ -17,5 +18,8 @@ fi
 CONFIG=$1
 WORKDIR=$2
 shift 2
-mkdir -p "$WORKDIR"
-varjax train --config "$CONFIG" --workdir "$WORKDIR" "$@" 2>&1 | tee -a "$WORKDIR/train.log"
+case "$WORKDIR" in
+  *://*) varjax train --config "$CONFIG" --workdir "$WORKDIR" "$@" ;;  # a URL (gs://...): no local log file
+  *) mkdir -p "$WORKDIR"
+     varjax train --config "$CONFIG" --workdir "$WORKDIR" "$@" 2>&1 | tee -a "$WORKDIR/train.log" ;;
+esac

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice (single host or pod): the same `varjax train` command runs on every worker.
-# JAX detects the pod and its coordinator by itself (jax.distributed.initialize() needs no arguments on TPU
-# VMs), every host feeds its share of each global batch, and only process 0 writes metrics.
+# Processes, hosts and chips: `gcloud compute tpus tpu-vm ssh --worker=all` starts the command once on each
+# TPU VM host of the slice, so there is one process per host, driving that host's chips (e.g. 4 on v4; a
+# v4-64 has 8 hosts x 4 chips = 32 devices). varjax sees a pod worker environment (TPU_WORKER_HOSTNAMES or
+# the TPU metadata server listing more than one worker) and calls jax.distributed.initialize() with no
+# arguments: JAX reads the coordinator, process count and id from the TPU VM. A single-host slice runs as
+# one process without it. Each process prints "[train] process I/N, ... local devices, ... global devices"
+# first, feeds its share of each global batch, and only process 0 writes metrics and configs.
 #
 # usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.field=value ...]
 #   launch/tpu_pod.sh my-v4-64 us-central2-b configs/sweep_imagenet.py:member=d16 gs://BUCKET/sweep/d16 \
@@ -16,7 +21,7 @@
 # `varjax train` line per member; pass each line's --config and --workdir to this script.
 set -euo pipefail
 if [ $# -lt 4 ]; then
-  sed -n '2,18p' "$0" >&2
+  sed -n '2,21p' "$0" >&2
   exit 2
 fi
 TPU_NAME=$1

@@ -19,7 +19,8 @@ import pytest
 from varjax.train import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+LAUNCH_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_TASKS_PER_NODE",
+               "SLURM_STEP_TASKS_PER_NODE",
                "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
                "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
 
@@ -71,6 +72,16 @@ def test_slurm_two_tasks_call(calls, monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "1")
     sharding.init_distributed(_dist())
     assert calls == [{}]  # JAX's own SLURM detection supplies the address, count and id
+
+
+def test_slurm_one_task_per_node_keeps_all_gpus(calls, monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "1(x4)")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "node0:12345")
+    sharding.init_distributed(_dist())
+    # JAX's SLURM detection would pin one GPU per process (SLURM_LOCALID); it is switched off here
+    assert calls == [{"num_processes": 4, "process_id": 3, "cluster_detection_method": "deactivate"}]
 
 
 def test_jax_env_call(calls, monkeypatch):
@@ -147,7 +158,8 @@ def _run_single_and_pair(tmp_path, command, args, devices=4):
     procs = []
     for i in range(2):
         srun = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_PROCID": str(i),
-                "SLURM_LOCALID": "0", "SLURM_NODEID": str(i), "SLURM_STEP_NODELIST": "localhost",
+                "SLURM_LOCALID": "0", "SLURM_NODEID": str(i), "SLURM_TASKS_PER_NODE": "1(x2)",
+                "SLURM_STEP_NODELIST": "localhost",
                 "SLURM_JOB_NODELIST": "localhost", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
                 "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}

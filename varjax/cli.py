@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -68,6 +67,17 @@ def cmd_convert(a) -> None:
     print(f"[convert] wrote {a.out} in {time.time() - t0:.1f}s")
 
 
+def _savez(path, **arrays) -> None:
+    """``np.savez`` to a local path or URL."""
+    import io
+
+    from varjax import paths
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    paths.write_bytes(path, buf.getvalue())
+
+
 def _load_bundle(path, need_var=False):
     from varjax.ckpt import load_model_dir
 
@@ -95,7 +105,7 @@ def cmd_sample(a) -> None:
     save_grid(a.out, imgs, nrow=min(len(labels), a.nrow or 8))
     print(f"[sample] wrote {a.out}")
     if a.save_npz:
-        np.savez(a.save_npz, images=imgs, tokens=tokens, labels=labels)
+        _savez(a.save_npz, images=imgs, tokens=tokens, labels=labels)
         print(f"[sample] wrote {a.save_npz}")
 
 
@@ -107,7 +117,7 @@ def cmd_tokenize(a) -> None:
     imgs = load_images(a.images, size=b.vae_cfg.image_size)
     tok_fn, _ = tokenizer_fns(b.vae_cfg)
     tokens = batched(lambda x: tok_fn(b.vae_params, x * 2 - 1), imgs, a.batch_size).astype(np.int32)
-    np.savez(a.out, tokens=tokens, patch_nums=np.asarray(b.vae_cfg.patch_nums, np.int32))
+    _savez(a.out, tokens=tokens, patch_nums=np.asarray(b.vae_cfg.patch_nums, np.int32))
     print(f"[tokenize] {len(imgs)} images -> tokens {tokens.shape} written to {a.out}")
 
 
@@ -120,13 +130,12 @@ def cmd_reconstruct(a) -> None:
     _, rec_fn = tokenizer_fns(b.vae_cfg)
     rec = batched(lambda x: (rec_fn(b.vae_params, x * 2 - 1) + 1) * 0.5, imgs, a.batch_size).astype(np.float32)
     db = float(psnr(rec, imgs).mean())
-    out = Path(a.out)
-    if out.suffix == ".npz":
-        np.savez(out, images=rec)
+    out = a.out
+    if str(out).endswith(".npz"):
+        _savez(out, images=rec)
     else:
-        out.mkdir(parents=True, exist_ok=True)
         for i, r in enumerate(rec):
-            save_png(out / f"{i:05d}.png", r)
+            save_png(f"{str(out).rstrip('/')}/{i:05d}.png", r)
     print(f"[reconstruct] {len(imgs)} images, PSNR {db:.2f} dB, written to {out}")
 
 

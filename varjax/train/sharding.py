@@ -270,12 +270,26 @@ def _tpu_vm_process_count() -> int:
         return 1
 
 
+def slurm_one_task_per_node(environ: Mapping[str, str]) -> bool:
+    """True when SLURM runs one task on each node (``SLURM_STEP_TASKS_PER_NODE`` / ``SLURM_TASKS_PER_NODE``
+    such as '1(x4)'), i.e. each process should drive every GPU of its node."""
+    text = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if not text:
+        return False
+    try:
+        return max(int(part.split("(")[0]) for part in text.split(",")) == 1
+    except ValueError:
+        return False
+
+
 def distributed_kwargs(cfg: Any, environ: Mapping[str, str]) -> dict | None:
     """Arguments for ``jax.distributed.initialize``, or None when this run is a single process.
 
     Fields of ``cfg`` (``config.distributed``) that are set (not None) win; ``JAX_NUM_PROCESSES`` and
     ``JAX_PROCESS_ID`` fill the others (JAX itself reads only ``JAX_COORDINATOR_ADDRESS``); JAX's cluster
-    detection (SLURM, Open MPI, TPU) supplies whatever is still missing.
+    detection (SLURM, Open MPI, TPU) supplies whatever is still missing. One exception: JAX's SLURM
+    detection gives each process one GPU (``SLURM_LOCALID``); with one task per node the count and id are
+    taken from SLURM here and detection is switched off, so each process keeps all GPUs of its node.
     """
     get = cfg.get if cfg is not None and hasattr(cfg, "get") else (lambda k: None)
     explicit = {k: get(k) for k in _DISTRIBUTED_FIELDS if get(k) is not None}
@@ -288,6 +302,16 @@ def distributed_kwargs(cfg: Any, environ: Mapping[str, str]) -> dict | None:
     kwargs.update(explicit)
     if kwargs.get("num_processes") == 1:
         return None
+    if slurm_one_task_per_node(environ) and "SLURM_PROCID" in environ:
+        tasks = _int_env(environ, "SLURM_STEP_NUM_TASKS") or _int_env(environ, "SLURM_NTASKS")
+        kwargs.setdefault("num_processes", tasks)
+        kwargs.setdefault("process_id", _int_env(environ, "SLURM_PROCID"))
+        if "coordinator_address" not in kwargs and not environ.get("JAX_COORDINATOR_ADDRESS"):
+            from jax._src.clusters.slurm_cluster import SlurmCluster
+
+            kwargs["coordinator_address"] = SlurmCluster.get_coordinator_address(
+                timeout_secs=None, override_coordinator_port=environ.get("JAX_COORDINATOR_PORT"))
+        kwargs["cluster_detection_method"] = "deactivate"
     return kwargs
 
 
