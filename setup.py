@@ -12,6 +12,7 @@ setup(
         "flax>=0.10",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.11",
+        "etils[epath]>=1.7",
         "ml_collections>=0.1.1",
         "chex>=0.1.87",
         "numpy>=1.26",
