@@ -14,13 +14,10 @@ import ast
 import difflib
 import importlib.util
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
-
-from varjax.train.config_utils import print_config
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -190,7 +187,4 @@ def run_with_config(argv: list[str], fn: Callable, what: str, *, needs_workdir: 
     a, unknown = p.parse_known_args(rest)
     if unknown:
         raise SystemExit(f"error: unrecognized arguments {unknown}\nusage: {usage}")
-    cfg = config_from_args(a.config, overrides)
-    print_config(cfg)
-    sys.stdout.flush()
-    fn(cfg, a.workdir)
+    fn(config_from_args(a.config, overrides), a.workdir)  # the trainer prints the resolved config

@@ -69,6 +69,7 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str, image_size: int, name:
     jax.config.update("jax_threefry_partitionable", True)  # random numbers independent of the mesh
     sharding.init_distributed(cfg.get("distributed"))
     print(f"[{name}] {sharding.describe_processes()}", flush=True)
+    config_utils.print_config(cfg)
     workdir = str(paths.resolve(workdir))
     mesh = sharding.create_mesh(cfg.mesh)
     rules = sharding.normalize_rules(cfg.get("rules"))
