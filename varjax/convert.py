@@ -217,6 +217,8 @@ def unstack_blocks(params) -> dict:
 def _split_layout(path: tuple[str, ...], arr: np.ndarray, cfg: VARConfig) -> np.ndarray:
     """Layout 1 (flat (C, 3C) QKV and (C, 6C) / (6C,) AdaLN leaves) -> layout 2 (split); others unchanged."""
     C, H = cfg.embed_dim, cfg.num_heads
+    if len(path) < 2:
+        return arr
     if path[-2:] == ("mat_qkv", "kernel") and arr.ndim == 2:
         return arr.reshape(C, 3, H, C // H)
     is_ada = path[-2] == "shared_ada_lin" or (path[-2] == "ada_lin" and path[0] != "head_nm")
