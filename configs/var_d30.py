@@ -28,5 +28,7 @@ def get_config(arg=None):
         wpe=0.01,
         twde=0.08,
         tokenizer_dir="runs/tok_vae_ch160v4096z32",
+        fsdp=8,  # ~35 GB of parameters and Adam state would not fit replicated on one device
+        remat="dots",
         runlocal=a.runlocal,
     )

@@ -30,5 +30,7 @@ def get_config(arg=None):
         twde=0.08,
         shared_aln=True,
         tokenizer_dir="runs/tok_vae_ch160v4096z32_512",
+        fsdp=8,  # ~35 GB of parameters and Adam state would not fit replicated on one device
+        remat="full",
         runlocal=a.runlocal,
     )

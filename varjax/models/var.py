@@ -140,6 +140,34 @@ def _dense(features, names, std, name, use_bias=True, scale=1.0, dtype=None):
     )
 
 
+class SplitDense(nn.Module):
+    """Linear C -> ``features`` (a tuple, e.g. (3, H, c)): kernel (C, *features) with one logical name per axis,
+    initialised as the flat (C, prod(features)) kernel of the reference (same values for the same key)."""
+
+    features: tuple[int, ...]
+    names: tuple[str | None, ...]  # logical axes of the kernel; the bias takes names[1:]
+    kernel_init: object
+    use_bias: bool = True
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        C = x.shape[-1]
+        shape = (C, *self.features)
+
+        def init(key, shape, dtype=jnp.float32):
+            return self.kernel_init(key, (shape[0], math.prod(shape[1:])), dtype).reshape(shape)
+
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names), shape)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[1:]),
+                              self.features)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else y + bias
+
+
 def _layer_norm(eps: float) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=False, use_fast_variance=False)
 
@@ -171,12 +199,8 @@ class SelfAttention(nn.Module):
         c = self.cfg
         B, l, C = x_BlC.shape
         H, hd = c.num_heads, c.head_dim
-        qkv = nn.DenseGeneral(
-            (3, H, hd),
-            use_bias=False,
-            dtype=self.dtype,
-            name="mat_qkv",
-            kernel_init=nn.with_logical_partitioning(_trunc_normal(c.std), ("embed", "chunks", "heads", "kv")),
+        qkv = SplitDense(
+            (3, H, hd), ("embed", "chunks", "heads", "kv"), _trunc_normal(c.std), False, self.dtype, name="mat_qkv"
         )(x_BlC)  # (B, l, 3, H, c)
         q_bias = self.param("q_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("joined_kv",)), (C,))
         v_bias = self.param("v_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("joined_kv",)), (C,))
@@ -322,15 +346,10 @@ def _ada_init(c: VARConfig, n: int):
     return kernel_init
 
 
-def _ada_lin6(c: VARConfig, name: str, dtype, kernel_init=None) -> nn.DenseGeneral:
-    """Linear(D -> (6, C)): kernel (D, 6, C), the chunk axis replicated and C split like an MLP's hidden units."""
-    return nn.DenseGeneral(
-        (6, c.embed_dim),
-        dtype=dtype,
-        name=name,
-        kernel_init=nn.with_logical_partitioning(kernel_init or _ada_init(c, 6), ("embed", "chunks", "ada")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("chunks", "ada")),
-    )
+def _ada_lin6(c: VARConfig, name: str, dtype, kernel_init=None) -> SplitDense:
+    """Linear(D -> (6, C)): kernel (D, 6, C), the chunk axis replicated and C split over ``ada``."""
+    return SplitDense((6, c.embed_dim), ("embed", "chunks", "ada"), kernel_init or _ada_init(c, 6), True, dtype,
+                      name=name)
 
 
 def _ada_lin2(c: VARConfig, name: str) -> nn.Dense:
