@@ -6,6 +6,10 @@ Layout of a model directory (written by ``varjax convert`` and by the trainers):
     DIR/vae/                Orbax checkpoint of the tokenizer params
     DIR/var/                Orbax checkpoint of the transformer params (absent for a tokenizer-only dir)
 
+The ``var`` entry records ``param_layout`` (``varjax.models.var.PARAM_LAYOUT``); directories written before it
+existed hold layout 1 and are reshaped on load (``varjax.convert.fit_var_params``), which also stacks or
+unstacks the blocks to match the config's ``scan_layers``.
+
 A training workdir is also accepted wherever a model directory is: its ``varjax_model.json`` points at the
 latest Orbax training checkpoint in ``WORKDIR/checkpoints`` and names the parameter subtree to use
 (``{"checkpoint": "checkpoints", "subtree": ["ema_params"]}``), and the VAR trainer's file points at the
@@ -23,7 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from varjax.models.var import VARConfig
+from varjax.convert import fit_var_params
+from varjax.models.var import PARAM_LAYOUT, VARConfig
 from varjax.models.vqvae import VQVAEConfig
 from varjax.train.checkpointing import load_params_dir, save_params_dir
 
@@ -55,7 +60,9 @@ def save_model_dir(
         "format": FORMAT,
         "version": 1,
         "vae": {"config": vae_cfg.to_dict(), "params": {"dir": "vae"}},
-        "var": None if var_cfg is None else {"config": var_cfg.to_dict(), "params": {"dir": "var"}},
+        "var": None
+        if var_cfg is None
+        else {"config": var_cfg.to_dict(), "params": {"dir": "var"}, "param_layout": PARAM_LAYOUT},
         **(extra or {}),
     }
     write_model_json(out, meta)
@@ -120,7 +127,7 @@ def load_model_dir(path, need_var: bool = False) -> ModelBundle:
     var_cfg = var_params = None
     if meta.get("var") is not None:
         var_cfg = VARConfig.from_dict(meta["var"]["config"])
-        var_params = _load_entry(base, meta["var"], "var")
+        var_params = fit_var_params(_load_entry(base, meta["var"], "var"), var_cfg)
     elif need_var:
         raise ValueError(
             f"{base}: holds only a tokenizer; sampling needs a VAR transformer too (convert with --var, or "
