@@ -103,3 +103,19 @@ def test_sharded_scan_remat_step_matches_one_device(sharded, vae_params, batch):
     for k in ("loss", "grad_norm", "param_norm"):
         assert m8[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-5), k
     chex.assert_trees_all_close(p8, p1, atol=1e-5, rtol=1e-5)
+
+
+def test_tokenizer_and_discriminator_convs_carry_logical_axes():
+    from varjax.models.discriminator import NLayerDiscriminator
+
+    mesh = sharding.create_mesh(MESH_222)
+    x = jnp.zeros((1, 32, 32, 3))
+    vae = jax.eval_shape(lambda: VQVAE(VAE_CFG).init(jax.random.PRNGKey(0), x, method=VQVAE.init_all)["params"])
+    sh = sharding.logical_to_mesh_shardings(vae, mesh)
+    assert sh["encoder"]["down_0"]["block_0"]["conv1"]["kernel"].spec == P(None, None, None, "tensor")
+    assert sh["encoder"]["down_0"]["block_0"]["conv1"]["bias"].spec == P("tensor")
+    assert "tensor" not in sh["decoder"]["conv_out"]["kernel"].spec  # 3 RGB channels stay whole
+    disc = jax.eval_shape(lambda: NLayerDiscriminator(ndf=8).init(jax.random.PRNGKey(0), x)["params"])
+    sh = sharding.logical_to_mesh_shardings(disc, mesh)
+    assert sh["conv1"]["kernel"].spec == P(None, None, None, "tensor")
+    assert "tensor" not in sh["conv4"]["kernel"].spec  # the 1-channel logits

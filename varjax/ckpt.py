@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax.core import meta as flax_meta
 
 from varjax.convert import fit_var_params
 from varjax.models.var import PARAM_LAYOUT, VARConfig
@@ -53,9 +54,9 @@ def save_model_dir(
 ) -> None:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_params_dir(out / "vae", vae_params, overwrite=True)
+    save_params_dir(out / "vae", flax_meta.unbox(vae_params), overwrite=True)  # fresh inits carry logical-axis boxes
     if var_params is not None:
-        save_params_dir(out / "var", var_params, overwrite=True)
+        save_params_dir(out / "var", flax_meta.unbox(var_params), overwrite=True)
     meta = {
         "format": FORMAT,
         "version": 1,

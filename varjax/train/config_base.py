@@ -26,7 +26,7 @@ def base_run() -> ml_collections.ConfigDict:
     c.total_epochs = ml_collections.FieldReference(None, field_type=float)
     c.total_steps = ml_collections.FieldReference(None, field_type=int)
     c.total_examples = ml_collections.FieldReference(None, field_type=int)
-    c.mesh = list(DEFAULT_MESH)
+    c.mesh = tuple(DEFAULT_MESH)  # a tuple field: `--config.mesh="((...), ...)"` overrides it
     c.rules = list(DEFAULT_RULES) + list(ACTIVATION_RULES)
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     c.log_every = 50
@@ -114,8 +114,8 @@ def official_var_run(
     c.opt.twde = twde
     if fsdp > 1:
         # the smoke test runs on whatever devices there are
-        c.mesh = [("data", 1), ("fsdp", -1), ("tensor", 1)] if runlocal else [("data", -1), ("fsdp", fsdp),
-                                                                                 ("tensor", 1)]
+        c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1)) if runlocal else (("data", -1), ("fsdp", fsdp),
+                                                                                 ("tensor", 1))
         c.model.scan_layers = True
         c.model.remat = remat
     if runlocal:

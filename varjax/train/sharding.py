@@ -86,8 +86,8 @@ def mesh_shape(mesh_spec: MeshSpec, num_devices: int) -> dict[str, int]:
             raise ValueError(
                 f"Mesh config `mesh`={spec}: the fixed axes use {fixed} devices, which does not divide the "
                 f"{num_devices} available devices, so '{free[0]}' (-1) cannot be filled. Run on a multiple of "
-                f"{fixed} devices, or lower the fixed sizes in the config file's `mesh`, e.g. [('data', -1), "
-                f"('fsdp', {math.gcd(fixed, num_devices)}), ('tensor', 1)]."
+                f"{fixed} devices, or lower the fixed sizes of `config.mesh`, e.g. --config.mesh=\"(('data', -1), "
+                f"('fsdp', {math.gcd(fixed, num_devices)}), ('tensor', 1))\"."
             )
         sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax.core import meta
 
 from varjax.ckpt import FORMAT, load_model_dir
 from varjax.data import pipeline
@@ -340,6 +341,7 @@ def _get(tree, path):
 
 
 def _check_same_structure(init, loaded, where) -> None:
+    init = meta.unbox(init)  # the fresh init carries logical-axis boxes
     a = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(init)}
     b = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
     if a != b:
