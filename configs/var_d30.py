@@ -9,6 +9,9 @@ The tokenizer is the released ``vae_ch160v4096z32`` converted once with::
 
 Official hyper-parameters: batch 1024, 350 epochs, tblr 8e-05, alng 1e-05, wpe 0.01, twde 0.08; bfloat16, lin0 schedule,
 twd 0.05, tclip 2.0, no label smoothing, class dropout 0.1 (the defaults of ``var_run``).
+Parameters and Adam state are split over fsdp=8 devices (mesh ``(('data', -1), ('fsdp', 8), ('tensor', 1))``,
+blocks scanned and rematerialised); with other device counts override it, e.g.
+``--config.mesh="(('data', -1), ('fsdp', 4), ('tensor', 1))"``.
 ``configs/var_d30.py:runlocal`` is a few-step smoke test of the same model on the embedded shapes data
 (still needs an official-shaped tokenizer directory).
 """
@@ -28,5 +31,7 @@ def get_config(arg=None):
         wpe=0.01,
         twde=0.08,
         tokenizer_dir="runs/tok_vae_ch160v4096z32",
+        fsdp=8,  # ~35 GB of parameters and Adam state would not fit replicated on one device
+        remat="dots",
         runlocal=a.runlocal,
     )

@@ -1,5 +1,6 @@
 """Parity with the official PyTorch VAR: every array of io_public.npz, from the .pth files beside it."""
 
+import dataclasses
 import json
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from varjax.convert import convert_var, convert_vqvae
+from varjax.convert import convert_var, convert_vqvae, fit_var_params
 from varjax.models.var import VAR
 from varjax.models.vqvae import VQVAE, split_scales
 from varjax.resize import resize_area, resize_bicubic
@@ -88,15 +89,43 @@ def test_vq_loss_and_straight_through(ref):
     np.testing.assert_allclose(jax.grad(st_sum)(f), np.ones(f.shape), atol=1e-6)
 
 
-def test_logits(ref):
-    g = ref["g"]
-    logits = VAR(ref["var_cfg"]).apply({"params": ref["var"]}, jnp.asarray(g["label"]), jnp.asarray(g["var_input_BLC"]))
-    np.testing.assert_allclose(logits, g["logits_BLV"], atol=1e-4)
+# (scan_layers, remat): the execution options must not change what is computed
+VARIANTS = [(False, "none"), (True, "none"), (False, "full"), (True, "dots")]
 
 
-def test_greedy_cfg_sampling(ref):
+def variant(ref, scan_layers, remat):
+    cfg = dataclasses.replace(ref["var_cfg"], scan_layers=scan_layers, remat=remat)
+    return cfg, fit_var_params(ref["var"], cfg)
+
+
+def logits_and_grad(cfg, params, g):
+    def loss(p):
+        logits = VAR(cfg).apply({"params": p}, jnp.asarray(g["label"]), jnp.asarray(g["var_input_BLC"]))
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+    (_, logits), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return logits, grad
+
+
+@pytest.fixture(scope="module")
+def plain_grad(ref):
+    return logits_and_grad(*variant(ref, False, "none"), ref["g"])[1]
+
+
+@pytest.mark.parametrize("scan_layers,remat", VARIANTS)
+def test_logits(ref, plain_grad, scan_layers, remat):
+    cfg, params = variant(ref, scan_layers, remat)
+    logits, grad = logits_and_grad(cfg, params, ref["g"])
+    np.testing.assert_allclose(logits, ref["g"]["logits_BLV"], atol=1e-4)
+    grad = fit_var_params(jax.device_get(grad), ref["var_cfg"])  # back to the per-block layout
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grad, jax.device_get(plain_grad))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_greedy_cfg_sampling(ref, scan_layers):
     g = ref["g"]
-    sampler = make_sampler(ref["vae_cfg"], ref["var_cfg"], SampleOptions(cfg=float(g["cfg"]), top_k=1, top_p=0.0))
-    img, tokens = sampler(ref["vae"], ref["var"], jnp.asarray(g["label"], jnp.int32), jax.random.PRNGKey(0))
+    cfg, params = variant(ref, scan_layers, "none")
+    sampler = make_sampler(ref["vae_cfg"], cfg, SampleOptions(cfg=float(g["cfg"]), top_k=1, top_p=0.0))
+    img, tokens = sampler(ref["vae"], params, jnp.asarray(g["label"], jnp.int32), jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(tokens), g["sample_idx_BL"])
     np.testing.assert_allclose(img, nhwc(g["sample_img"]), atol=1e-3)

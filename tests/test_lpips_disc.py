@@ -1,5 +1,6 @@
 """LPIPS against a plain numpy reimplementation; PatchGAN shapes, receptive field and GAN loss terms."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,7 +249,7 @@ def test_discriminator_params_and_norm_variants():
     x = jnp.zeros((2, 32, 32, 3))
     # The 'rbg' key compiles much faster than threefry on CPU; the init itself does not depend on it.
     v = jax.jit(disc.NLayerDiscriminator(ndf=64).init)(jax.random.key(0, impl="rbg"), x)
-    kernel = np.asarray(v["params"]["conv0"]["kernel"])
+    kernel = np.asarray(nn.unbox(v["params"])["conv0"]["kernel"])
     assert kernel.shape == (4, 4, 3, 64) and abs(kernel.std() - 0.02) < 0.002
     assert "bias" not in v["params"]["conv1"] and "norm1" in v["params"]  # norm replaces the bias
     v_none = jax.eval_shape(disc.NLayerDiscriminator(ndf=8, norm="none").init, jax.random.key(0), x)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.core import meta
 
 from varjax.models.vqvae import VQVAE
 from varjax.train import loop, metrics
@@ -44,7 +45,7 @@ def make_task(cfg, total_steps=100):
     setup = loop.Setup(cfg, "", None, None, None, total_steps, 10, True)
     vae_cfg = tt.vae_config_from(cfg)
     task = tt.build_task(setup, vae_cfg)
-    state = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, task.init_fn(jax.random.PRNGKey(0)))
+    state = meta.unbox(task.init_fn(jax.random.PRNGKey(0)))  # parameters carry logical-axis boxes
     return task, vae_cfg, state
 
 

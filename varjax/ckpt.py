@@ -6,6 +6,10 @@ Layout of a model directory (written by ``varjax convert`` and by the trainers):
     DIR/vae/                Orbax checkpoint of the tokenizer params
     DIR/var/                Orbax checkpoint of the transformer params (absent for a tokenizer-only dir)
 
+The ``var`` entry records ``param_layout`` (``varjax.models.var.PARAM_LAYOUT``); directories written before it
+existed hold layout 1 and are reshaped on load (``varjax.convert.fit_var_params``), which also stacks or
+unstacks the blocks to match the config's ``scan_layers``.
+
 A training workdir is also accepted wherever a model directory is: its ``varjax_model.json`` points at the
 latest Orbax training checkpoint in ``WORKDIR/checkpoints`` and names the parameter subtree to use
 (``{"checkpoint": "checkpoints", "subtree": ["ema_params"]}``), and the VAR trainer's file points at the
@@ -20,9 +24,11 @@ import json
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax.core import meta as flax_meta
 
 from varjax import paths
-from varjax.models.var import VARConfig
+from varjax.convert import fit_var_params
+from varjax.models.var import PARAM_LAYOUT, VARConfig
 from varjax.models.vqvae import VQVAEConfig
 from varjax.train.checkpointing import load_params_dir, save_params_dir
 
@@ -43,14 +49,16 @@ def save_model_dir(
 ) -> None:
     out = paths.resolve(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_params_dir(out / "vae", vae_params, overwrite=True)
+    save_params_dir(out / "vae", flax_meta.unbox(vae_params), overwrite=True)  # fresh inits carry logical-axis boxes
     if var_params is not None:
-        save_params_dir(out / "var", var_params, overwrite=True)
+        save_params_dir(out / "var", flax_meta.unbox(var_params), overwrite=True)
     meta = {
         "format": FORMAT,
         "version": 1,
         "vae": {"config": vae_cfg.to_dict(), "params": {"dir": "vae"}},
-        "var": None if var_cfg is None else {"config": var_cfg.to_dict(), "params": {"dir": "var"}},
+        "var": None
+        if var_cfg is None
+        else {"config": var_cfg.to_dict(), "params": {"dir": "var"}, "param_layout": PARAM_LAYOUT},
         **(extra or {}),
     }
     write_model_json(out, meta)
@@ -152,7 +160,7 @@ def load_model_dir(path, need_var: bool = False) -> ModelBundle:
     var_cfg = var_params = None
     if meta.get("var") is not None:
         var_cfg = VARConfig.from_dict(meta["var"]["config"])
-        var_params = load_params(base, "var")
+        var_params = fit_var_params(load_params(base, "var"), var_cfg)
     elif need_var:
         raise ValueError(
             f"{base}: holds only a tokenizer; sampling needs a VAR transformer too (convert with --var, or "

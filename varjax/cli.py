@@ -1,6 +1,6 @@
 """Command line: ``varjax <command> ...`` (also ``python -m varjax``).
 
-Model commands (argparse): convert, sample, tokenize, reconstruct, edit.
+Model commands (argparse): convert, sample, tokenize, reconstruct, edit, export.
 Training commands (ml_collections config files, ``--config.field=value`` overrides): train, train-tokenizer,
 eval, sweep, main.
 """
@@ -165,6 +165,12 @@ def cmd_edit(a) -> None:
     print(f"[edit] wrote {a.out} (generated {gen.mean() * 100:.0f}% of the image, label {a.label})")
 
 
+def cmd_export(a) -> None:
+    from varjax.export import cmd_export as run
+
+    run(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="varjax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -218,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True)
     e.set_defaults(fn=cmd_edit)
+
+    x = sub.add_parser("export", help="model directory or training workdir -> official PyTorch .pth files")
+    x.add_argument("--ckpt", required=True, help="model directory (varjax convert) or `varjax train` workdir")
+    x.add_argument("--out", required=True, help="output directory for vae.pth and var.pth")
+    x.set_defaults(fn=cmd_export)
 
     for name in TRAINING_COMMANDS:
         sub.add_parser(name, help=f"see `varjax {name} --help`", add_help=False)

@@ -4,10 +4,17 @@ Flax parameter paths mirror the torch keys, so a key is derived from a path by a
 (``down_0`` -> ``down.0``, ``ada_lin`` -> ``ada_lin.1`` because torch wraps it in ``Sequential(SiLU, Linear)``,
 ``kernel`` -> ``weight`` with the layout transposed). Every hyper-parameter that the shapes reveal is read off
 the state dict; the rest (``patch_nums``, heads without ``attn_l2_norm``) comes from the caller.
+
+Two layouts differ from torch beyond a transpose: the fused QKV kernel (flax (C, 3, H, c), torch (3C, C)) and
+the AdaLN kernels (flax (C, 6, C) and bias (6, C), torch (6C, C) and (6C,)); and with ``scan_layers`` the blocks'
+parameters are stacked (``stack_blocks`` / ``unstack_blocks``). Conversion always goes through the per-block
+layout; ``fit_var_params`` brings any stored layout to the one a config asks for.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -15,7 +22,7 @@ import flax
 import jax
 import numpy as np
 
-from varjax.models.var import VAR, VARConfig
+from varjax.models.var import VAR, VARConfig, block_causal_mask, level_ids
 from varjax.models.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAE, VQVAEConfig
 
 # Buffers the reference registers: recomputed from the config here, so they are accepted and dropped.
@@ -66,28 +73,44 @@ def torch_key(path: Sequence[str], share_quant_resi: int = 4) -> str:
     return ".".join(parts + [leaf])
 
 
-def to_flax_layout(name: str, arr: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
-    """Torch tensor -> flax layout: conv OIHW -> HWIO, linear (out, in) -> (in, out)."""
-    if name == "kernel" and arr.ndim == 4:
+# Linears whose flax kernel splits the output features into (chunk, ...) axes; torch keeps them flat.
+SPLIT_LINEARS = ("mat_qkv", "ada_lin", "shared_ada_lin")
+
+
+def _is_split(path: Sequence[str], ndim: int) -> bool:
+    """A kernel (C, 3, H, c) / (C, 6, C) or bias (6, C) of a split Linear (the head's 2C AdaLN stays flat)."""
+    return len(path) >= 2 and path[-2] in SPLIT_LINEARS and ndim >= (3 if path[-1] == "kernel" else 2)
+
+
+def to_flax_layout(path: Sequence[str], arr: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    """Torch tensor -> flax layout: conv OIHW -> HWIO, linear (out, in) -> (in, out), then the target shape
+    (which splits the fused QKV / AdaLN outputs)."""
+    if path[-1] == "kernel" and arr.ndim == 4:
         arr = arr.transpose(2, 3, 1, 0)
-    elif name == "kernel" and arr.ndim == 2:
+    elif path[-1] == "kernel" and arr.ndim == 2:
         arr = arr.T
     return np.ascontiguousarray(arr).reshape(target_shape)
 
 
-def to_torch_layout(name: str, arr: np.ndarray, torch_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    if name == "kernel" and arr.ndim == 4:
+def to_torch_layout(path: Sequence[str], arr: np.ndarray) -> np.ndarray:
+    """Inverse of ``to_flax_layout``: the tensor torch stores, with ``expected_torch_shape``."""
+    arr = np.asarray(arr)
+    if _is_split(path, arr.ndim):
+        arr = arr.reshape(arr.shape[0], -1).T if path[-1] == "kernel" else arr.reshape(-1)
+    elif path[-1] == "kernel" and arr.ndim == 4:
         arr = arr.transpose(3, 2, 0, 1)
-    elif name == "kernel" and arr.ndim == 2:
+    elif path[-1] == "kernel" and arr.ndim == 2:
         arr = arr.T
-    arr = np.ascontiguousarray(arr)
-    return arr.reshape(torch_shape) if torch_shape is not None else arr
+    return np.ascontiguousarray(arr)
 
 
-def expected_torch_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if name == "kernel" and len(shape) == 4:
+def expected_torch_shape(path: Sequence[str], shape: tuple[int, ...]) -> tuple[int, ...]:
+    if _is_split(path, len(shape)):
+        flat = math.prod(shape[1:]) if path[-1] == "kernel" else math.prod(shape)
+        return (flat, shape[0]) if path[-1] == "kernel" else (flat,)
+    if path[-1] == "kernel" and len(shape) == 4:
         return (shape[3], shape[2], shape[0], shape[1])
-    if name == "kernel" and len(shape) == 2:
+    if path[-1] == "kernel" and len(shape) == 2:
         return (shape[1], shape[0])
     return tuple(shape)
 
@@ -108,7 +131,7 @@ def match_state_dict(
     mapping, missing, bad_shape = {}, [], []
     for path, leaf in flat.items():
         key = torch_key(path, share_quant_resi)
-        want = expected_torch_shape(path[-1], tuple(leaf.shape))
+        want = expected_torch_shape(path, tuple(leaf.shape))
         if key not in shapes:
             missing.append(f"{key} {want}")
         elif tuple(shapes[key]) != want and (path[-1] == "kernel" or np.prod(shapes[key]) != np.prod(want)):
@@ -145,16 +168,73 @@ def state_dict_to_params(
     )
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract_params))
     out = {
-        path: to_flax_layout(path[-1], np.asarray(sd[key]).astype(np.float32), tuple(flat[path].shape))
+        path: to_flax_layout(path, np.asarray(sd[key]).astype(np.float32), tuple(flat[path].shape))
         for path, key in mapping.items()
     }
     return flax.traverse_util.unflatten_dict(out)
 
 
 def params_to_state_dict(params, share_quant_resi: int = 4) -> dict[str, np.ndarray]:
-    """Inverse of ``state_dict_to_params`` (parameters only; buffers are not written)."""
+    """Inverse of ``state_dict_to_params`` (parameters only, per-block layout; buffers are not written)."""
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-    return {torch_key(p, share_quant_resi): to_torch_layout(p[-1], np.asarray(v)) for p, v in flat.items()}
+    return {torch_key(p, share_quant_resi): to_torch_layout(p, np.asarray(v)) for p, v in flat.items()}
+
+
+# ------------------------------------------------------------------------------------ block layouts
+
+
+def _block_index(name: str) -> int | None:
+    m = re.fullmatch(r"blocks_(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def stack_blocks(params) -> dict:
+    """Per-block tree (``blocks_0`` ... ``blocks_{n-1}``) -> ``blocks`` with every leaf stacked on axis 0
+    (the ``scan_layers`` layout). A tree that is already stacked is returned as it is."""
+    params = dict(flax.core.unfreeze(params))
+    idx = sorted(i for k in params if (i := _block_index(k)) is not None)
+    if not idx:
+        return params
+    if idx != list(range(len(idx))):
+        raise ConversionError(f"block parameters are not numbered 0..{len(idx) - 1}: blocks_{idx}.")
+    blocks = [params.pop(f"blocks_{i}") for i in idx]
+    return {**params, "blocks": jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *blocks)}
+
+
+def unstack_blocks(params) -> dict:
+    """Inverse of ``stack_blocks``: ``blocks`` with a leading (depth,) axis -> ``blocks_0`` ... A per-block tree is
+    returned as it is."""
+    params = dict(flax.core.unfreeze(params))
+    if "blocks" not in params:
+        return params
+    stacked = params.pop("blocks")
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(depth):
+        params[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x[i]), stacked)
+    return params
+
+
+def _split_layout(path: tuple[str, ...], arr: np.ndarray, cfg: VARConfig) -> np.ndarray:
+    """Layout 1 (flat (C, 3C) QKV and (C, 6C) / (6C,) AdaLN leaves) -> layout 2 (split); others unchanged."""
+    C, H = cfg.embed_dim, cfg.num_heads
+    if len(path) < 2:
+        return arr
+    if path[-2:] == ("mat_qkv", "kernel") and arr.ndim == 2:
+        return arr.reshape(C, 3, H, C // H)
+    is_ada = path[-2] == "shared_ada_lin" or (path[-2] == "ada_lin" and path[0] != "head_nm")
+    if is_ada and path[-1] == "kernel" and arr.ndim == 2:
+        return arr.reshape(arr.shape[0], 6, C)
+    if is_ada and path[-1] == "bias" and arr.ndim == 1:
+        return arr.reshape(6, C)
+    return arr
+
+
+def fit_var_params(params, cfg: VARConfig) -> dict:
+    """Any stored VAR parameter layout (per-block or stacked; flat or split QKV / AdaLN, i.e. model directories
+    written before ``PARAM_LAYOUT`` 2) -> the layout ``cfg`` builds (``cfg.scan_layers``)."""
+    flat = flax.traverse_util.flatten_dict(unstack_blocks(params))
+    per_block = flax.traverse_util.unflatten_dict({p: _split_layout(p, np.asarray(v), cfg) for p, v in flat.items()})
+    return stack_blocks(per_block) if cfg.scan_layers else per_block
 
 
 # ------------------------------------------------------------------------------------ hyper-parameter inference
@@ -272,7 +352,8 @@ def abstract_vqvae_params(cfg: VQVAEConfig):
 
 
 def abstract_var_params(cfg: VARConfig):
-    model = VAR(cfg)
+    """Shapes of the per-block parameter tree (whatever ``cfg.scan_layers`` says)."""
+    model = VAR(dataclasses.replace(cfg, scan_layers=False, remat="none"))
     lab = jax.ShapeDtypeStruct((1,), np.int32)
     x = jax.ShapeDtypeStruct((1, cfg.L - cfg.first_l, cfg.Cvae), np.float32)
     shapes = jax.eval_shape(lambda a, b: model.init(jax.random.PRNGKey(0), a, b, method=VAR.init_all), lab, x)
@@ -289,7 +370,32 @@ def convert_vqvae(sd, patch_nums: Sequence[int], source="VQVAE state dict"):
 
 
 def convert_var(sd, patch_nums=None, num_heads=None, source="VAR state dict"):
-    """-> (VARConfig, params)."""
+    """-> (VARConfig, params in the per-block layout)."""
     cfg = infer_var_config(sd, patch_nums, num_heads, source)
     params = state_dict_to_params(sd, abstract_var_params(cfg), buffers=VAR_BUFFERS, source=source)
     return cfg, params
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def vqvae_state_dict(cfg: VQVAEConfig, params) -> dict[str, np.ndarray]:
+    """The release's VQVAE state dict (float32), with its buffer ``quantize.ema_vocab_hit_SV`` (zeros)."""
+    sd = {k: v.astype(np.float32) for k, v in params_to_state_dict(params, cfg.share_quant_resi).items()}
+    sd["quantize.ema_vocab_hit_SV"] = np.zeros((len(cfg.patch_nums), cfg.vocab_size), np.float32)
+    return sd
+
+
+def var_state_dict(cfg: VARConfig, params) -> dict[str, np.ndarray]:
+    """The release's VAR state dict (float32) from either block layout, with the buffers it registers:
+    ``lvl_1L`` (int64 scale ids), ``attn_bias_for_masking`` (0 / -inf block-causal bias) and every block's
+    ``attn.zero_k_bias``."""
+    sd = {k: v.astype(np.float32) for k, v in params_to_state_dict(unstack_blocks(params)).items()}
+    L, C = cfg.L, cfg.embed_dim
+    sd["lvl_1L"] = level_ids(cfg.patch_nums).astype(np.int64).reshape(1, L)
+    sd["attn_bias_for_masking"] = np.where(block_causal_mask(cfg.patch_nums), 0.0, -np.inf).astype(
+        np.float32
+    ).reshape(1, 1, L, L)
+    for i in range(cfg.depth):
+        sd[f"blocks.{i}.attn.zero_k_bias"] = np.zeros((C,), np.float32)
+    return sd

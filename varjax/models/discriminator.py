@@ -122,7 +122,13 @@ class NLayerDiscriminator(nn.Module):
                 padding=pad,
                 use_bias=bias,
                 dtype=self.dtype,
-                kernel_init=_conv_init,
+                # logical axes for sharding; the 1-channel logit conv stays whole
+                kernel_init=nn.with_logical_partitioning(
+                    _conv_init, (None, None, "conv_in", "conv_out" if features > 1 else None)
+                ),
+                bias_init=nn.with_logical_partitioning(
+                    nn.initializers.zeros, ("conv_out" if features > 1 else None,)
+                ),
                 name=f"conv{index}",
             )(h)
 

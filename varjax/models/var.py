@@ -6,6 +6,12 @@ width (= C), H heads, c head dim, V codebook size, Cv latent channels of the tok
 Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``vocab``, ...) that the trainer maps onto
 the device mesh; ``varjax.train.sharding`` holds the rules. Module names mirror the PyTorch state-dict keys
 (``blocks_3/attn/mat_qkv`` for ``blocks.3.attn.mat_qkv``) so that conversion is a renaming.
+
+Parameter layout (``PARAM_LAYOUT`` 2): the fused QKV kernel is (C, 3, H, c) and the AdaLN kernels are (C, 6, C)
+(bias (6, C)), so that tensor parallelism splits them at head / chunk boundaries; torch stores them flat as
+(3C, C) and (6C, C) (``varjax.convert`` reshapes). With ``scan_layers`` the blocks are one ``nn.scan`` over
+``depth`` and their parameters live under ``blocks`` with a leading (depth,) axis (logical axis ``layers``)
+instead of ``blocks_0`` ... ``blocks_{depth-1}``; ``varjax.convert.stack_blocks`` / ``unstack_blocks`` convert.
 """
 
 from __future__ import annotations
@@ -19,9 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varjax.models.attention import IMPLEMENTATIONS, block_causal_attention
 from varjax.models.vqvae import PATCH_NUMS_256
 
 Dtype = jnp.dtype
+
+PARAM_LAYOUT = 2  # 1: flat (C, 3C) QKV and (C, 6C) AdaLN kernels; 2: (C, 3, H, c) and (C, 6, C)
+
+# What a rematerialised block keeps from the forward pass (the rest is recomputed in the backward pass).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls kept, attention redone
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +62,20 @@ class VARConfig:
     init_adaln_gamma: float = 1e-5
     init_head: float = 0.02
     init_std: float = -1.0
+    # execution (no effect on the parameters' values): one nn.scan over the blocks (stacked parameters),
+    # rematerialisation policy of each block, and the attention kernel
+    scan_layers: bool = False
+    remat: str = "none"  # none | full | dots (see REMAT_POLICIES)
+    attention: str = "auto"  # auto | xla | cudnn | splash (varjax.models.attention)
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"config.model.remat is {self.remat!r}; expected one of {sorted(REMAT_POLICIES)} (none: keep every "
+                "activation, full: recompute each block in the backward pass, dots: keep only weight matmuls)."
+            )
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"config.model.attention is {self.attention!r}; expected one of {IMPLEMENTATIONS}.")
 
     @property
     def L(self) -> int:
@@ -110,6 +140,34 @@ def _dense(features, names, std, name, use_bias=True, scale=1.0, dtype=None):
     )
 
 
+class SplitDense(nn.Module):
+    """Linear C -> ``features`` (a tuple, e.g. (3, H, c)): kernel (C, *features) with one logical name per axis,
+    initialised as the flat (C, prod(features)) kernel of the reference (same values for the same key)."""
+
+    features: tuple[int, ...]
+    names: tuple[str | None, ...]  # logical axes of the kernel; the bias takes names[1:]
+    kernel_init: object
+    use_bias: bool = True
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        C = x.shape[-1]
+        shape = (C, *self.features)
+
+        def init(key, shape, dtype=jnp.float32):
+            return self.kernel_init(key, (shape[0], math.prod(shape[1:])), dtype).reshape(shape)
+
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names), shape)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[1:]),
+                              self.features)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else y + bias
+
+
 def _layer_norm(eps: float) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=False, use_fast_variance=False)
 
@@ -118,9 +176,9 @@ def _constrain(x, names):
     return nn.with_logical_constraint(x, names)
 
 
-def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Stochastic depth per sample (timm's ``drop_path`` with ``scale_by_keep``)."""
-    if rng is None or rate <= 0.0:
+def drop_path(x: jax.Array, rate, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth per sample (timm's ``drop_path`` with ``scale_by_keep``); ``rate`` may be traced."""
+    if rng is None or (isinstance(rate, (int, float)) and rate <= 0.0):
         return x
     keep = 1.0 - rate
     mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
@@ -132,41 +190,44 @@ class SelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BLC, mask_LL=None, kv_cache=None):
-        """Returns ``(out_BLC, (k, v))``; with ``kv_cache=(k_prev, v_prev)`` the new keys/values are appended.
+    def __call__(self, x_BlC, kv_cache=None):
+        """Returns ``(out_BlC, (k, v))``; with ``kv_cache=(k_prev, v_prev)`` the new keys/values are appended.
 
-        k, v: (B, H, L_total, c). With a cache the queries see all cached keys (the current scale plus every
-        coarser one), which is exactly the block-causal mask restricted to the current scale.
+        k, v: (B, L_total, H, c). The l tokens of ``x_BlC`` are the ones right after the cached ones, so the
+        scale of every query and key (hence the block-causal mask) follows from the lengths alone.
         """
         c = self.cfg
-        B, L, C = x_BLC.shape
+        B, l, C = x_BlC.shape
         H, hd = c.num_heads, c.head_dim
-        qkv = _dense(3 * C, ("embed", "joined_kv"), c.std, "mat_qkv", use_bias=False, dtype=self.dtype)(x_BLC)
+        qkv = SplitDense(
+            (3, H, hd), ("embed", "chunks", "heads", "kv"), _trunc_normal(c.std), False, self.dtype, name="mat_qkv"
+        )(x_BlC)  # (B, l, 3, H, c)
         q_bias = self.param("q_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("joined_kv",)), (C,))
         v_bias = self.param("v_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("joined_kv",)), (C,))
-        bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-        qkv = (qkv + bias).reshape(B, L, 3, H, hd)
-        q, k, v = (jnp.transpose(qkv[:, :, i], (0, 2, 1, 3)) for i in range(3))  # BHLc
+        bias = jnp.stack([q_bias, jnp.zeros_like(q_bias), v_bias]).reshape(3, H, hd).astype(qkv.dtype)
+        qkv = qkv + bias
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # BlHc
         if c.attn_l2_norm:
             scale_mul = self.param(
                 "scale_mul_1H11",
                 nn.with_logical_partitioning(nn.initializers.constant(math.log(4.0)), (None, "heads", None, None)),
                 (1, H, 1, 1),
             )
-            scale_mul = jnp.exp(jnp.minimum(scale_mul, math.log(100.0)))
+            scale_mul = jnp.exp(jnp.minimum(scale_mul, math.log(100.0))).reshape(H, 1)
             q = (_l2_normalize(q) * scale_mul).astype(q.dtype)
             k = _l2_normalize(k).astype(k.dtype)
             scale = 1.0
         else:
             scale = 0.25 / math.sqrt(hd)
         if kv_cache is not None:
-            k = jnp.concatenate([kv_cache[0], k], axis=2)
-            v = jnp.concatenate([kv_cache[1], v], axis=2)
-        att = jnp.einsum("bhqc,bhkc->bhqk", q, k).astype(jnp.float32) * scale
-        if mask_LL is not None:
-            att = jnp.where(mask_LL[None, None], att, -jnp.inf)
-        att = jax.nn.softmax(att, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkc->bqhc", att, v).reshape(B, L, C)
+            k = jnp.concatenate([kv_cache[0], k], axis=1)
+            v = jnp.concatenate([kv_cache[1], v], axis=1)
+        start = k.shape[1] - l
+        lvl = level_ids(c.patch_nums)
+        out = block_causal_attention(
+            q, k, v, lvl[start : start + l], lvl[: start + l], scale=scale, implementation=c.attention
+        )
+        out = _constrain(out, ("batch", "seq", "act_heads", None)).reshape(B, l, C)
         out = _dense(C, ("joined_kv", "embed"), c.std, "proj", scale=1 / math.sqrt(2 * c.depth), dtype=self.dtype)(out)
         return out, (k, v)
 
@@ -192,36 +253,72 @@ class FFN(nn.Module):
 
 
 class AdaLNSelfAttn(nn.Module):
+    """One transformer block: AdaLN-modulated self-attention and MLP, each with a gated residual."""
+
     cfg: VARConfig
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BLC, cond, mask_LL=None, kv_cache=None, deterministic=True):
-        """``cond`` is (B, D) for per-block AdaLN, or the shared (B, 1, 6, C) modulation with ``shared_aln``."""
+    def __call__(self, x_BLC, cond, kv_cache=None, deterministic=True, dpr=None):
+        """-> (x_BLC float32, (k, v)). ``cond`` is (B, D) for per-block AdaLN, or the shared (B, 1, 6, C)
+        modulation with ``shared_aln``; ``dpr`` (a scalar, may be traced) overrides ``drop_path_rate``."""
         c = self.cfg
         C = c.embed_dim
+        rate = self.drop_path_rate if dpr is None else dpr
         if c.shared_aln:
             ada_gss = self.param(
                 "ada_gss",
-                nn.with_logical_partitioning(_ada_gss_init(c), (None, None, None, "embed")),
+                nn.with_logical_partitioning(_ada_gss_init(c), (None, None, "chunks", "embed")),
                 (1, 1, 6, C),
             )
             mods = ada_gss + cond
         else:
-            mods = _ada_lin(c, 6, "ada_lin", self.dtype)(nn.silu(cond)).reshape(-1, 1, 6, C)
+            mods = _ada_lin6(c, "ada_lin", self.dtype)(nn.silu(cond))[:, None]  # (B, 1, 6, C)
         mods = mods.astype(jnp.float32)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (mods[:, :, i] for i in range(6))
         ln = _layer_norm(c.norm_eps)
         rng1 = rng2 = None
-        if not deterministic and self.drop_path_rate > 0:
+        if not deterministic and (dpr is not None or rate > 0) and c.drop_path_rate > 0:
             rng1, rng2 = jax.random.split(self.make_rng("dropout"))
         h = (ln(x_BLC.astype(jnp.float32)) * (scale1 + 1) + shift1).astype(self.dtype)
-        a, kv = SelfAttention(c, self.dtype, name="attn")(h, mask_LL, kv_cache)
-        x_BLC = x_BLC + drop_path(a * gamma1, self.drop_path_rate, rng1)
+        a, kv = SelfAttention(c, self.dtype, name="attn")(h, kv_cache)
+        x_BLC = x_BLC + drop_path(a * gamma1, rate, rng1)
         h = (ln(x_BLC.astype(jnp.float32)) * (scale2 + 1) + shift2).astype(self.dtype)
-        x_BLC = x_BLC + drop_path(FFN(c, self.dtype, name="ffn")(h) * gamma2, self.drop_path_rate, rng2)
+        x_BLC = x_BLC + drop_path(FFN(c, self.dtype, name="ffn")(h) * gamma2, rate, rng2)
         return _constrain(x_BLC.astype(jnp.float32), ("batch", "seq", "act_embed")), kv
+
+
+def block_class(cfg: VARConfig):
+    """``AdaLNSelfAttn``, wrapped in ``nn.remat`` with ``cfg.remat``'s policy (``deterministic`` is static)."""
+    if cfg.remat == "none":
+        return AdaLNSelfAttn
+    # static_argnums counts self: (self, x, cond, kv_cache, deterministic, dpr)
+    return nn.remat(AdaLNSelfAttn, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
+                    static_argnums=(4,))
+
+
+def scanned_blocks(cfg: VARConfig, dtype, name: str = "blocks") -> nn.Module:
+    """All ``depth`` blocks as one ``nn.scan``: params stacked on a leading (depth,) axis (logical ``layers``).
+
+    Call as ``(x_BLC, cond, caches, deterministic, dpr_depth) -> (x_BLC, (k, v))``: the carry is x, ``cond``
+    and ``deterministic`` are shared, ``caches`` (stacked (depth, B, L, H, c) keys and values, or None) and the
+    per-block drop-path rates ``dpr_depth`` are scanned, and the new keys/values come out stacked.
+    """
+    scan = nn.scan(
+        block_class(cfg),
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, 0, nn.broadcast, 0),
+        length=cfg.depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scan(cfg, 0.0, dtype, name=name)
+
+
+def drop_path_rates(cfg: VARConfig) -> np.ndarray:
+    """(depth,) stochastic-depth rate of each block: linear from 0 to ``drop_path_rate``."""
+    return np.linspace(0, cfg.drop_path_rate, cfg.depth)
 
 
 def _ada_gss_init(c: VARConfig):
@@ -233,9 +330,9 @@ def _ada_gss_init(c: VARConfig):
     return init
 
 
-def _ada_lin(c: VARConfig, n: int, name: str, dtype) -> nn.Dense:
-    """Linear(D -> n*C) with the reference's AdaLN init: gamma rows scaled by init_adaln_gamma, others by
-    init_adaln (n == 6: gamma1, gamma2, scale1, scale2, shift1, shift2; n == 2: scale, shift)."""
+def _ada_init(c: VARConfig, n: int):
+    """The reference's AdaLN init of a flat (D, n*C) kernel: gamma columns scaled by init_adaln_gamma, the others
+    by init_adaln (n == 6: gamma1, gamma2, scale1, scale2, shift1, shift2; n == 2: scale, shift)."""
     C = c.embed_dim
 
     def kernel_init(key, shape, dtype=jnp.float32):
@@ -246,11 +343,20 @@ def _ada_lin(c: VARConfig, n: int, name: str, dtype) -> nn.Dense:
             factors = jnp.full((n * C,), c.init_adaln)
         return w * factors.astype(dtype)[None, :]
 
+    return kernel_init
+
+
+def _ada_lin6(c: VARConfig, name: str, dtype, kernel_init=None) -> SplitDense:
+    """Linear(D -> (6, C)): kernel (D, 6, C), the chunk axis replicated and C split over ``ada``."""
+    return SplitDense((6, c.embed_dim), ("embed", "chunks", "ada"), kernel_init or _ada_init(c, 6), True, dtype,
+                      name=name)
+
+
+def _ada_lin2(c: VARConfig, name: str) -> nn.Dense:
     return nn.Dense(
-        n * C,
-        dtype=dtype,
+        2 * c.embed_dim,
         name=name,
-        kernel_init=nn.with_logical_partitioning(kernel_init, ("embed", "mlp")),
+        kernel_init=nn.with_logical_partitioning(_ada_init(c, 2), ("embed", "mlp")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
     )
 
@@ -275,10 +381,13 @@ class VAR(nn.Module):
             "pos_1LC", nn.with_logical_partitioning(_trunc_normal(std), (None, "seq", "embed")), (1, c.L, C)
         )
         self.lvl_embed = nn.Embed(len(c.patch_nums), C, embedding_init=emb_init, name="lvl_embed")
-        if c.shared_aln:
-            self.shared_ada_lin = _ada_lin_plain(c, "shared_ada_lin")
-        dpr = np.linspace(0, c.drop_path_rate, c.depth)
-        self.blocks = [AdaLNSelfAttn(c, float(dpr[i]), self.dtype, name=f"blocks_{i}") for i in range(c.depth)]
+        if c.shared_aln:  # the 512px model's shared AdaLN, initialised like any Linear
+            self.shared_ada_lin = _ada_lin6(c, "shared_ada_lin", None, kernel_init=_trunc_normal(std))
+        if c.scan_layers:
+            self.blocks = scanned_blocks(c, self.dtype)
+        else:
+            dpr, cls = drop_path_rates(c), block_class(c)
+            self.blocks = [cls(c, float(dpr[i]), self.dtype, name=f"blocks_{i}") for i in range(c.depth)]
         self.head_nm = HeadNorm(c, name="head_nm")
         # init_head < 0 keeps the plain init, as in the reference
         head_scale = c.init_head if c.init_head >= 0 else 1.0
@@ -286,8 +395,23 @@ class VAR(nn.Module):
 
     def _block_cond(self, cond_BD):
         if self.cfg.shared_aln:
-            return self.shared_ada_lin(nn.silu(cond_BD)).reshape(-1, 1, 6, self.cfg.embed_dim)
+            return self.shared_ada_lin(nn.silu(cond_BD))[:, None]  # (B, 1, 6, C)
         return cond_BD
+
+    def run_blocks(self, x_BLC, cond, caches=None, deterministic=True):
+        """Every block in order -> (x_BLC, new caches).
+
+        Caches are opaque to callers: a list of one ``(k, v)`` per block, or with ``scan_layers`` one ``(k, v)``
+        pair stacked over blocks; ``None`` means no earlier tokens.
+        """
+        if self.cfg.scan_layers:
+            dpr = jnp.asarray(drop_path_rates(self.cfg), jnp.float32)
+            return self.blocks(x_BLC, cond, caches, deterministic, dpr)
+        new = []
+        for i, blk in enumerate(self.blocks):
+            x_BLC, kv = blk(x_BLC, cond, None if caches is None else caches[i], deterministic)
+            new.append(kv)
+        return x_BLC, new
 
     def lvl_pos(self) -> jax.Array:
         """(1, L, C) level embedding plus absolute position embedding."""
@@ -318,10 +442,7 @@ class VAR(nn.Module):
         else:
             x = sos
         x = _constrain(x + self.lvl_pos()[:, :ed], ("batch", "seq", "act_embed"))
-        mask = jnp.asarray(block_causal_mask(c.patch_nums, ed))
-        cond = self._block_cond(cond_BD)
-        for blk in self.blocks:
-            x, _ = blk(x, cond, mask, None, deterministic=not train)
+        x, _ = self.run_blocks(x, self._block_cond(cond_BD), None, deterministic=not train)
         return self.get_logits(x, cond_BD)
 
     def first_tokens(self, cond_BD):
@@ -342,27 +463,14 @@ class VAR(nn.Module):
     def step(self, x_BlC, cond_BD, caches):
         """One cached scale: runs every block on the scale's tokens; returns (logits (B, l, V), new caches).
 
-        ``caches`` is a list with one ``(k, v)`` per block or ``None`` for the first scale.
+        ``caches`` is what the previous call returned (keys and values (B, L_seen, H, c) of every block), or
+        ``None`` for the first scale.
         """
-        cond = self._block_cond(cond_BD)
-        new = []
-        for i, blk in enumerate(self.blocks):
-            x_BlC, kv = blk(x_BlC, cond, None, None if caches is None else caches[i], deterministic=True)
-            new.append(kv)
+        x_BlC, new = self.run_blocks(x_BlC, self._block_cond(cond_BD), caches, deterministic=True)
         return self.get_logits(x_BlC, cond_BD), new
 
     def init_all(self, label_B, x_BLCv_wo_first_l):
         return self(label_B, x_BLCv_wo_first_l, train=False)
-
-
-def _ada_lin_plain(c: VARConfig, name: str) -> nn.Dense:
-    """The shared AdaLN linear of the 512px model (initialised like any Linear)."""
-    return nn.Dense(
-        6 * c.embed_dim,
-        name=name,
-        kernel_init=nn.with_logical_partitioning(_trunc_normal(c.std), ("embed", "mlp")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
-    )
 
 
 class HeadNorm(nn.Module):
@@ -373,5 +481,5 @@ class HeadNorm(nn.Module):
     @nn.compact
     def __call__(self, x_BLC, cond_BD):
         c = self.cfg
-        mods = _ada_lin(c, 2, "ada_lin", jnp.float32)(nn.silu(cond_BD)).reshape(-1, 1, 2, c.embed_dim)
+        mods = _ada_lin2(c, "ada_lin")(nn.silu(cond_BD)).reshape(-1, 1, 2, c.embed_dim)
         return _layer_norm(c.norm_eps)(x_BLC) * (mods[:, :, 0] + 1) + mods[:, :, 1]

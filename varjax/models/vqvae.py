@@ -4,7 +4,9 @@ The encoder/decoder follow the release (the latent-diffusion vq-f16 layout): ch_
 residual blocks per level, GroupNorm(32, eps 1e-6), self-attention at the lowest resolution and in the middle,
 stride-2 convolutions with (0, 1, 0, 1) padding, nearest 2x upsampling followed by a convolution.
 Submodule names mirror the PyTorch state-dict keys (``down_0/block_1`` for ``down.0.block.1``) so that
-conversion is a mechanical renaming (see ``varjax.convert``).
+conversion is a mechanical renaming (see ``varjax.convert``). Conv kernels (kh, kw, in, out) carry the logical
+axes ``conv_in`` / ``conv_out`` (``varjax.train.sharding`` maps them onto the mesh); the RGB output conv keeps
+its 3 channels whole.
 """
 
 from __future__ import annotations
@@ -69,9 +71,18 @@ def _norm(name: str, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False, name=name)
 
 
-def _conv(features: int, k: int, name: str, stride: int = 1, padding=None) -> nn.Conv:
+def _conv(features: int, k: int, name: str, stride: int = 1, padding=None, out_axis: str | None = "conv_out"
+          ) -> nn.Conv:
     pad = ((k // 2, k // 2), (k // 2, k // 2)) if padding is None else padding
-    return nn.Conv(features, (k, k), strides=(stride, stride), padding=pad, name=name)
+    return nn.Conv(
+        features,
+        (k, k),
+        strides=(stride, stride),
+        padding=pad,
+        name=name,
+        kernel_init=nn.with_logical_partitioning(nn.linear.default_kernel_init, (None, None, "conv_in", out_axis)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (out_axis,)),
+    )
 
 
 class ResnetBlock(nn.Module):
@@ -124,7 +135,7 @@ class Level(nn.Module):
                 h = AttnBlock(self.groups, name=f"attn_{i}")(h)
         if self.resample == "down":
             # torch pads right/bottom by one then convolves with stride 2 and no padding
-            h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), name="downsample")(h)
+            h = _conv(h.shape[-1], 3, "downsample", stride=2, padding=((0, 1), (0, 1)))(h)
         elif self.resample == "up":
             h = _conv(h.shape[-1], 3, "upsample")(upsample_nearest_2x(h))
         return h
@@ -187,7 +198,7 @@ class Decoder(nn.Module):
                 name=f"up_{i}",
             )(h, train)
         h = nn.silu(_norm("norm_out", c.num_groups)(h))
-        return _conv(3, 3, "conv_out")(h)
+        return _conv(3, 3, "conv_out", out_axis=None)(h)
 
 
 class VQVAE(nn.Module):

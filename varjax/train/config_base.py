@@ -12,6 +12,7 @@ from varjax.train.sharding import DEFAULT_MESH, DEFAULT_RULES
 ACTIVATION_RULES = (
     ("act_embed", None),
     ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
     ("act_vocab", "tensor"),
     ("classes", None),
     ("cvae", None),
@@ -25,7 +26,7 @@ def base_run() -> ml_collections.ConfigDict:
     c.total_epochs = ml_collections.FieldReference(None, field_type=float)
     c.total_steps = ml_collections.FieldReference(None, field_type=int)
     c.total_examples = ml_collections.FieldReference(None, field_type=int)
-    c.mesh = list(DEFAULT_MESH)
+    c.mesh = tuple(DEFAULT_MESH)  # a tuple field: `--config.mesh="((...), ...)"` overrides it
     c.rules = list(DEFAULT_RULES) + list(ACTIVATION_RULES)
     # Multi-process settings; None = unset (detected from the launcher's environment, see
     # varjax/train/sharding.py:init_distributed).
@@ -69,6 +70,9 @@ def var_run(depth: int) -> ml_collections.ConfigDict:
             init_adaln_gamma=1e-5,
             init_head=0.02,
             init_std=-1.0,
+            scan_layers=False,
+            remat="none",
+            attention="auto",
             dtype="bfloat16",
         )
     )
@@ -93,12 +97,16 @@ def official_var_run(
     tokenizer_dir: str,
     twde: float = 0.0,
     shared_aln: bool = False,
+    fsdp: int = 1,
+    remat: str = "none",
     runlocal: bool = False,
 ) -> ml_collections.ConfigDict:
     """A released VAR recipe on ImageNet (the README's hyper-parameters; everything else ``var_run``'s).
 
-    ``runlocal`` keeps the model but trains 2 steps of batch 8 on the embedded shapes data (it still needs an
-    official-shaped tokenizer directory).
+    ``fsdp`` > 1 splits parameters and optimizer state over that many devices (mesh
+    ``[('data', -1), ('fsdp', fsdp), ('tensor', 1)]``) and turns on ``scan_layers`` with ``remat``: what the
+    2B-parameter models need to fit. ``runlocal`` keeps the model but trains 2 steps of batch 8 on the
+    embedded shapes data (it still needs an official-shaped tokenizer directory), with fsdp over every device.
     """
     c = var_run(depth)
     c.tokenizer_dir = tokenizer_dir
@@ -109,6 +117,12 @@ def official_var_run(
     c.model.shared_aln = shared_aln
     c.opt.wpe = wpe
     c.opt.twde = twde
+    if fsdp > 1:
+        # the smoke test runs on whatever devices there are
+        c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1)) if runlocal else (("data", -1), ("fsdp", fsdp),
+                                                                                 ("tensor", 1))
+        c.model.scan_layers = True
+        c.model.remat = remat
     if runlocal:
         c.data.name = "varjax_shapes/tiny"
         c.data.eval_split = "test"

@@ -165,7 +165,8 @@ def train_and_evaluate(setup: Setup, task: Task) -> dict:
     while step < setup.total_steps:
         local = next(setup.train_iter)
         batch = sharding.make_global_batch(local, mesh)
-        state, m = step_fn(step)(state, batch)
+        with sharding.mesh_rules(mesh, setup.rules):  # traced here: activation constraints need the rules
+            state, m = step_fn(step)(state, batch)
         step += 1
         n_log += 1
         on_ckpt = step % cfg.ckpt_every == 0 or step == setup.total_steps
@@ -182,7 +183,8 @@ def train_and_evaluate(setup: Setup, task: Task) -> dict:
             m["img_per_s"] = n_log * cfg.batch_size / max(dt, 1e-9)
             m["step_time_s"] = dt / max(n_log, 1)
             if cfg.get("eval_every") and task.eval_fn and (step % cfg.eval_every == 0 or step == setup.total_steps):
-                m.update(task.eval_fn(state))
+                with sharding.mesh_rules(mesh, setup.rules):
+                    m.update(task.eval_fn(state))
             writer.write(step, m)
             if task.on_log is not None:
                 task.on_log(step, state, writer)

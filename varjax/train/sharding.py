@@ -13,6 +13,7 @@ axis without a rule is replicated.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +38,10 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),  # hidden units of the MLP
     ("heads", "tensor"),  # attention heads
     ("joined_kv", "tensor"),  # heads * head_dim, flattened
+    ("ada", "tensor"),  # width C of the AdaLN modulations (kernel (C, 6, C))
+    ("chunks", None),  # the q/k/v (3) and AdaLN (6) chunks of a fused kernel: never split inside a chunk
+    ("kv", None),  # head_dim
+    ("layers", None),  # the stacked block axis of scan_layers
     ("vocab", "tensor"),  # codebook / logits entries
     ("cond", None),  # conditioning vector (class embedding) width
     ("seq", None),  # token positions L
@@ -80,7 +85,9 @@ def mesh_shape(mesh_spec: MeshSpec, num_devices: int) -> dict[str, int]:
         if num_devices % fixed:
             raise ValueError(
                 f"Mesh config `mesh`={spec}: the fixed axes use {fixed} devices, which does not divide the "
-                f"{num_devices} available devices, so '{free[0]}' (-1) cannot be filled."
+                f"{num_devices} available devices, so '{free[0]}' (-1) cannot be filled. Run on a multiple of "
+                f"{fixed} devices, or lower the fixed sizes of `config.mesh`, e.g. --config.mesh=\"(('data', -1), "
+                f"('fsdp', {math.gcd(fixed, num_devices)}), ('tensor', 1))\"."
             )
         sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
@@ -123,6 +130,14 @@ def normalize_rules(rules: Rules | None) -> tuple[tuple[str, Any], ...]:
             target = tuple(target)
         out.append((str(logical), target))
     return tuple(out)
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh, rules: Rules | None = None):
+    """Context in which jitted code is traced so that ``nn.with_logical_constraint`` on activations acts
+    (outside of it, with no rules, the constraints are no-ops)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(normalize_rules(rules)):
+        yield
 
 
 def logical_to_mesh_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:

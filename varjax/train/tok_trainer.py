@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax.core import meta
 
 from varjax.ckpt import FORMAT, load_params, read_model_json
 from varjax.data import pipeline
@@ -352,6 +353,7 @@ def _get(tree, path):
 
 
 def _check_same_structure(init, loaded, where) -> None:
+    init = meta.unbox(init)  # the fresh init carries logical-axis boxes
     a = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(init)}
     b = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
     if a != b:

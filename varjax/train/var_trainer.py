@@ -18,7 +18,7 @@ import optax
 from varjax import paths
 from varjax.ckpt import FORMAT, load_model_dir, read_model_json
 from varjax.data import pipeline
-from varjax.models.var import VAR, VARConfig
+from varjax.models.var import PARAM_LAYOUT, VAR, VARConfig
 from varjax.models.vqvae import VQVAE, VQVAEConfig, split_scales
 from varjax.train import loop, optim
 
@@ -239,6 +239,7 @@ def model_json(cfg, vae_cfg: VQVAEConfig, model_cfg: VARConfig) -> dict:
         "var": {
             "config": model_cfg.to_dict(),
             "params": {"checkpoint": "checkpoints", "item": "state", "subtree": ["params"]},
+            "param_layout": PARAM_LAYOUT,
         },
     }
 
