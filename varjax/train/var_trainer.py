@@ -72,10 +72,53 @@ def prog_warmup(step: int, stage_fn, pgwp_it: float) -> float:
 
 def token_loss(logits_BLV, gt_BL, label_smooth: float, weight_L):
     """Cross-entropy with label smoothing, per-token weights (1/L each) summed, then mean over the batch."""
-    logp = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, gt_BL[..., None], axis=-1)[..., 0]
-    loss_BL = (1 - label_smooth) * nll - label_smooth * logp.mean(-1) if label_smooth > 0 else nll
+    loss_BL = smoothed_cross_entropy(logits_BLV, gt_BL, label_smooth)
     return (loss_BL * weight_L[None]).sum(-1).mean()
+
+
+def _shifted_lse(logits_BLV):
+    """(logits - max in float32, log-sum-exp of that): the two halves of a stable log-softmax."""
+    x = logits_BLV.astype(jnp.float32)
+    shifted = x - jax.lax.stop_gradient(x.max(-1, keepdims=True))
+    return shifted, jnp.log(jnp.exp(shifted).sum(-1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def smoothed_cross_entropy(logits_BLV, gt_BL, label_smooth: float):
+    """(B, L) float32 ``torch.nn.CrossEntropyLoss(label_smoothing=ls, reduction='none')``.
+
+    The log-softmax is taken in float32 from logits in any dtype; the backward keeps only the logits (in their
+    own dtype) and the (B, L) log-sum-exp, not a float32 (B, L, V) log-probability tensor.
+    """
+    return _smoothed_ce_fwd(logits_BLV, gt_BL, label_smooth)[0]
+
+
+def _smoothed_ce_fwd(logits_BLV, gt_BL, label_smooth):
+    shifted, lse_BL = _shifted_lse(logits_BLV)
+    nll = lse_BL - jnp.take_along_axis(shifted, gt_BL[..., None], axis=-1)[..., 0]
+    loss_BL = (1 - label_smooth) * nll + label_smooth * (lse_BL - shifted.mean(-1)) if label_smooth > 0 else nll
+    lse_abs = lse_BL + logits_BLV.max(-1).astype(jnp.float32)  # log-sum-exp of the unshifted logits
+    return loss_BL, (logits_BLV, gt_BL, lse_abs)
+
+
+def _smoothed_ce_bwd(label_smooth, res, g_BL):
+    logits_BLV, gt_BL, lse_BL = res
+    V = logits_BLV.shape[-1]
+    p = jnp.exp(logits_BLV.astype(jnp.float32) - lse_BL[..., None])
+    target = jax.nn.one_hot(gt_BL, V, dtype=jnp.float32) * (1 - label_smooth) + label_smooth / V
+    return ((p - target) * g_BL[..., None]).astype(logits_BLV.dtype), None
+
+
+smoothed_cross_entropy.defvjp(_smoothed_ce_fwd, _smoothed_ce_bwd)
+
+
+def hit_rates(logits_BLV, gt_BL, last_l: int | None):
+    """Top-1 accuracies in % (all tokens, and the last ``last_l`` tokens when given), without gradients."""
+    hit = (jnp.argmax(jax.lax.stop_gradient(logits_BLV), -1) == gt_BL).astype(jnp.float32)
+    out = {"train_acc_mean": hit.mean() * 100}
+    if last_l:
+        out["train_acc_tail"] = hit[:, -last_l:].mean() * 100
+    return out
 
 
 def eval_stats(logits_BLV, gt_BL, last_l: int, mask_B):
@@ -147,7 +190,8 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, vae_params, model_cfg: V
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng}
 
     def inputs(batch):
-        return teacher_forcing_inputs(vae, vae_params, pns, batch)
+        gt_BL, x = teacher_forcing_inputs(vae, vae_params, pns, batch)
+        return gt_BL, x.astype(dtype)  # the model's compute dtype
 
     def make_step(prog_si: int):
         ed = L if prog_si < 0 else sum(p * p for p in pns[: prog_si + 1])
@@ -163,16 +207,17 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, vae_params, model_cfg: V
                 weight = weight.at[bg:ed].multiply(jnp.clip(prog_wp, 0.0, 1.0))
 
             def loss_fn(params):
+                # the accuracies are taken here so that the (B, L, V) logits die inside the loss
                 logits = var.apply(
                     {"params": params}, batch["label"], x, train=True, prog_si=prog_si, rngs={"dropout": rng}
                 )
-                return token_loss(logits, gt_BL, cfg.ls, weight), logits
+                hits = hit_rates(logits, gt_BL, last_l if prog_si < 0 else None)
+                return token_loss(logits, gt_BL, cfg.ls, weight), hits
 
-            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            (loss, hits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             hp = optim.current_hparams(opt_state)
-            pred = jnp.argmax(logits, -1)
             m = {
                 "loss": loss,
                 "lr": hp["lr"],
@@ -180,11 +225,9 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, vae_params, model_cfg: V
                 "grad_norm": optax.global_norm(grads),
                 "param_norm": optax.global_norm(params),
                 "update_norm": optax.global_norm(updates),
-                "train_acc_mean": (pred == gt_BL).mean() * 100,
                 "prog_si": jnp.asarray(prog_si, jnp.float32),
+                **hits,
             }
-            if prog_si < 0:
-                m["train_acc_tail"] = (pred[:, -last_l:] == gt_BL[:, -last_l:]).mean() * 100
             new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
             return new, m
 
