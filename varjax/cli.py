@@ -2,7 +2,7 @@
 
 Model commands (argparse): convert, sample, tokenize, reconstruct, edit.
 Training commands (ml_collections config files, ``--config.field=value`` overrides): train, train-tokenizer,
-eval, sweep, main.
+eval, sweep, main, compile.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ TRAINING_COMMANDS = {
     "eval": "varjax.evaluate",
     "sweep": "varjax.scaling.sweep",
     "main": "varjax.main_job",
+    "compile": "varjax.aot",
 }
 
 
