@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 
@@ -89,6 +90,8 @@ def topology_devices(name: str) -> list:
     if name == "local":
         return jax.devices()
     spec = tpu_topology(name)
+    # libtpu takes a host-wide lock when it loads; describing a topology uses no TPU, so let it share
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
 
@@ -117,8 +120,6 @@ def hbm_bytes(device) -> int | None:
 
 
 def _tokenizer_config(cfg, resolution: int):
-    import os
-
     from varjax.ckpt import read_model_json
     from varjax.models.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAEConfig
 
