@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from varjax.models.quant import VectorQuantizer
+from varjax.resize import upsample_nearest_2x
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -105,52 +106,6 @@ class AttnBlock(nn.Module):
         return x + _conv(C, 1, "proj_out")(h)
 
 
-# Rows (or columns) of a 3x3 kernel that act on the same source pixel after nearest 2x upsampling: output
-# pixel 2i reads source rows (i-1, i, i) and 2i+1 reads (i, i, i+1), so each parity is a 2-tap filter.
-_PARITY_TAPS = jnp.asarray([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], jnp.float32)  # (parity, tap, k)
-
-
-def upsample_conv(x_BHWC: jax.Array, kernel_33IO: jax.Array, bias_O: jax.Array) -> jax.Array:
-    """``conv3x3(nearest_upsample_2x(x))`` (padding 1) as four 2x2 convolutions at the source resolution.
-
-    Each output parity (a, b) sees a 2x2 neighbourhood of source pixels with summed weights, so this does
-    4/9 of the multiply-adds of the convolution at the upsampled resolution. Returns (B, 2H, 2W, O).
-    """
-    B, H, W, _ = x_BHWC.shape
-    taps = _PARITY_TAPS.astype(kernel_33IO.dtype)
-    xp = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    rows = []
-    for a in range(2):
-        cols = []
-        for b in range(2):
-            k = jnp.einsum("pi,qj,ijco->pqco", taps[a], taps[b], kernel_33IO)
-            cols.append(
-                jax.lax.conv_general_dilated(
-                    xp[:, a : a + H + 1, b : b + W + 1],
-                    k,
-                    (1, 1),
-                    "VALID",
-                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                )
-            )
-        rows.append(jnp.stack(cols, axis=3))  # (B, H, W, 2[b], O)
-    out = jnp.stack(rows, axis=2)  # (B, H, 2[a], W, 2[b], O)
-    return out.reshape(B, 2 * H, 2 * W, -1) + bias_O
-
-
-class UpsampleConv(nn.Module):
-    """Nearest 2x upsampling then a 3x3 convolution, with the parameters of that ``nn.Conv``."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x_BHWC.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        dtype = jnp.result_type(x_BHWC, kernel)
-        return upsample_conv(x_BHWC.astype(dtype), kernel.astype(dtype), bias.astype(dtype))
-
-
 class Level(nn.Module):
     """One resolution level: residual blocks, optional attention after each, optional resampling."""
 
@@ -171,7 +126,7 @@ class Level(nn.Module):
             # torch pads right/bottom by one then convolves with stride 2 and no padding
             h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), name="downsample")(h)
         elif self.resample == "up":
-            h = UpsampleConv(h.shape[-1], name="upsample")(h)
+            h = _conv(h.shape[-1], 3, "upsample")(upsample_nearest_2x(h))
         return h
 
 
