@@ -26,6 +26,6 @@ setup(
         "absl-py",
         "importlib_resources",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={"test": ["pytest>=8", "ruff>=0.6"], "tpu": ["libtpu"]},
     entry_points={"console_scripts": ["varjax=varjax.cli:main"]},
 )

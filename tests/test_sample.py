@@ -3,10 +3,19 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from varjax.models.var import VAR, VARConfig
 from varjax.models.vqvae import PATCH_NUMS_256, VQVAE, VQVAEConfig
-from varjax.sample import SampleOptions, keep_masks, make_sampler, top_k_top_p_filter
+from varjax.sample import (
+    SampleOptions,
+    keep_masks,
+    make_sampler,
+    sample_codes,
+    sampling_config,
+    top_k_top_p,
+    top_k_top_p_filter,
+)
 
 
 def reference_filter(logits, top_k, top_p):
@@ -36,6 +45,74 @@ def test_top_k_top_p_match_reference():
         want = reference_filter(logits, k, p)
         np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=f"top_k={k} top_p={p}")
         assert np.isfinite(got).sum(-1).min() >= 1
+
+
+def reference_smooth_codes(logits, gumbel, ratio, codebook, top_k, top_p):
+    """The reference's more_smooth codes: its sampler masks the logits in place, then gumbel_softmax_with_rng
+    smooths those masked logits (times 1 + ratio) at temperature max(0.27 (1 - 0.95 ratio), 0.005)."""
+    masked = reference_filter(logits, top_k, top_p)
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+    z = (masked * (1 + ratio) + gumbel) / tau
+    y = np.exp(z - z.max(-1, keepdims=True))
+    y /= y.sum(-1, keepdims=True)
+    return y @ codebook
+
+
+def test_more_smooth_smooths_the_filtered_logits():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 6, 64)).astype(np.float32) * 0.3
+    codebook = rng.normal(size=(64, 4)).astype(np.float32)
+    key = jax.random.PRNGKey(3)
+    gumbel = np.asarray(jax.random.gumbel(jax.random.split(key)[1], logits.shape))  # the noise sample_codes draws
+    for k, p, ratio in [(5, 0.0, 0.5), (0, 0.6, 1.0), (20, 0.9, 0.25)]:
+        opts = SampleOptions(top_k=k, top_p=p, more_smooth=True)
+        idx, h = sample_codes(key, jnp.asarray(logits), opts, ratio, jnp.asarray(codebook))
+        want = reference_smooth_codes(logits, gumbel, ratio, codebook, k, p)
+        np.testing.assert_allclose(np.asarray(h), want, rtol=1e-4, atol=1e-5)
+        unfiltered = reference_smooth_codes(logits, gumbel, ratio, codebook, 0, 0.0)
+        assert np.abs(want - unfiltered).max() > 1e-3  # the filter matters for these cases
+        assert np.isfinite(reference_filter(logits, k, p))[np.arange(2)[:, None], np.arange(6), np.asarray(idx)].all()
+
+
+def test_sampling_distribution_is_the_renormalised_survivors():
+    # One row of 6 logits repeated over many positions: token frequencies must follow softmax over the tokens
+    # that survive top-k and top-p, and be zero elsewhere.
+    logits = np.log(np.array([0.30, 0.25, 0.20, 0.12, 0.08, 0.05], np.float32))
+    n = 40_000
+    tiled = jnp.asarray(np.tile(logits, (1, n, 1)))
+    for k, p in [(4, 0.0), (0, 0.7), (5, 0.7)]:
+        kept = np.isfinite(reference_filter(logits[None, None], k, p))[0, 0]
+        want = np.where(kept, np.exp(logits), 0)
+        want /= want.sum()
+        idx, _ = sample_codes(jax.random.PRNGKey(k), tiled, SampleOptions(top_k=k, top_p=p), 1.0, jnp.eye(6))
+        freq = np.bincount(np.asarray(idx).ravel(), minlength=6) / n
+        np.testing.assert_allclose(freq, want, atol=0.01, err_msg=f"top_k={k} top_p={p}")
+
+
+def test_top_k_top_p_returns_sorted_survivors_and_greedy_is_argmax():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(3, 7, 100)).astype(np.float32)
+    vals, idx = top_k_top_p(jnp.asarray(logits), 10, 0.5)
+    assert vals.shape == idx.shape == (3, 7, 10)
+    np.testing.assert_array_equal(
+        np.take_along_axis(logits, np.asarray(idx), -1)[np.isfinite(vals)], np.asarray(vals)[np.isfinite(vals)]
+    )
+    greedy, _ = sample_codes(
+        jax.random.PRNGKey(0), jnp.asarray(logits), SampleOptions(top_k=1, top_p=0.0), 1.0, jnp.zeros((100, 2))
+    )
+    np.testing.assert_array_equal(np.asarray(greedy), logits.argmax(-1))
+
+
+def test_sampling_config_checks_dtype_and_attention():
+    cfg = VARConfig(depth=1, embed_dim=16, num_heads=2)
+    with pytest.raises(ValueError, match="--dtype"):
+        sampling_config(cfg, SampleOptions(dtype="int8"))
+    assert sampling_config(cfg, SampleOptions()) is cfg
+    if "attention" in VARConfig.__dataclass_fields__:
+        assert sampling_config(cfg, SampleOptions(attention="xla")).attention == "xla"
+    else:
+        with pytest.raises(ValueError, match="--attention"):
+            sampling_config(cfg, SampleOptions(attention="xla"))
 
 
 def test_keep_masks_force_tiny_scales_and_threshold():

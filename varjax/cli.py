@@ -2,7 +2,7 @@
 
 Model commands (argparse): convert, sample, tokenize, reconstruct, edit, export.
 Training commands (ml_collections config files, ``--config.field=value`` overrides): train, train-tokenizer,
-eval, sweep, main.
+eval, sweep, main, compile.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ TRAINING_COMMANDS = {
     "eval": "varjax.evaluate",
     "sweep": "varjax.scaling.sweep",
     "main": "varjax.main_job",
+    "compile": "varjax.aot",
 }
 
 
@@ -96,7 +97,7 @@ def cmd_sample(a) -> None:
     bad = [int(x) for x in labels if not 0 <= x < b.var_cfg.num_classes]
     if bad:
         raise SystemExit(f"error: --labels {bad} out of range; the model has classes 0..{b.var_cfg.num_classes - 1}.")
-    opts = SampleOptions(cfg=a.cfg, top_k=a.top_k, top_p=a.top_p, more_smooth=a.more_smooth)
+    opts = SampleOptions(a.cfg, a.top_k, a.top_p, a.more_smooth, dtype=a.dtype, attention=a.attention)
     sampler = make_sampler(b.vae_cfg, b.var_cfg, opts)
     t0 = time.time()
     imgs, tokens = sampler(b.vae_params, b.var_params, jnp.asarray(labels), jax.random.PRNGKey(a.seed))
@@ -145,7 +146,7 @@ def cmd_edit(a) -> None:
 
     from varjax.codec import tokenizer_fns
     from varjax.images import load_image_file, load_mask, save_png
-    from varjax.sample import SampleOptions, make_editor, mask_to_keep
+    from varjax.sample import SampleOptions, make_sampler, mask_to_keep
 
     b = _load_bundle(a.ckpt, need_var=True)
     size = b.vae_cfg.image_size
@@ -159,7 +160,7 @@ def cmd_edit(a) -> None:
     tok_fn, _ = tokenizer_fns(b.vae_cfg)
     gt = tok_fn(b.vae_params, jnp.asarray(img) * 2 - 1)
     keep = jnp.asarray(mask_to_keep(gen, b.vae_cfg.patch_nums[-1]))[None]
-    editor = make_editor(b.vae_cfg, b.var_cfg, SampleOptions(a.cfg, a.top_k, a.top_p, a.more_smooth))
+    editor = make_sampler(b.vae_cfg, b.var_cfg, SampleOptions(a.cfg, a.top_k, a.top_p, a.more_smooth))
     out, _ = editor(b.vae_params, b.var_params, jnp.asarray([a.label], jnp.int32), jax.random.PRNGKey(a.seed), gt, keep)
     save_png(a.out, np.asarray(out[0]))
     print(f"[edit] wrote {a.out} (generated {gen.mean() * 100:.0f}% of the image, label {a.label})")
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=900)
     s.add_argument("--top-p", type=float, default=0.96)
     s.add_argument("--more-smooth", action="store_true")
+    s.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16 or float16")
+    s.add_argument("--attention", default=None, help="attention kernel (VARConfig.attention); default: the model's")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--nrow", type=int, default=None)
     s.add_argument("--out", required=True, help="PNG grid")

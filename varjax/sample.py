@@ -22,38 +22,71 @@ from varjax.resize import resize_area, resize_bilinear
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
     cfg: float = 1.5  # guidance at the last scale; ramps linearly from 0 at the first
-    top_k: int = 900
-    top_p: float = 0.96
+    top_k: int = 900  # 0 = no top-k
+    top_p: float = 0.96  # 0 = no top-p
     more_smooth: bool = False  # Gumbel-softmax smoothing of the codes (visualisation only, as in the reference)
+    dtype: str = "float32"  # compute dtype of the transformer blocks and the decoder: float32, bfloat16, float16
+    attention: str | None = None  # VARConfig.attention for sampling (None keeps the model's)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def top_k_top_p(logits_BlV: jax.Array, top_k: int, top_p: float) -> tuple[jax.Array, jax.Array]:
+    """The tokens the reference's ``sample_with_top_k_top_p_`` keeps, from one ``lax.top_k``.
+
+    Returns ``(vals_BlK, idx_BlK)``: the K = top_k largest logits in descending order with their token ids,
+    removed ones set to -inf. top-p then works inside those K survivors only (the reference's full-vocabulary
+    ascending sort sees the others as -inf, i.e. probability 0): in ascending order the cumulative probability
+    of the survivors is computed and tokens with cumulative probability <= 1 - top_p are removed, never the
+    most likely one. Ties with the K-th logit beyond the K returned are dropped (the reference keeps them);
+    with continuous logits that does not happen.
+    """
+    V = logits_BlV.shape[-1]
+    K = top_k if 0 < top_k < V else V
+    vals, idx = jax.lax.top_k(logits_BlV, K)
+    if top_p > 0:
+        asc = vals[..., ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+        remove = (cum <= 1 - top_p).at[..., -1].set(False)[..., ::-1]
+        vals = jnp.where(remove, -jnp.inf, vals)
+    return vals, idx
 
 
 def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int, top_p: float) -> jax.Array:
-    """Sets to -inf what the reference's ``sample_with_top_k_top_p_`` removes.
+    """The logits with what the reference's ``sample_with_top_k_top_p_`` removes set to -inf (its in-place
+    masking): every logit below the smallest survivor of :func:`top_k_top_p` is removed."""
+    vals, _ = top_k_top_p(logits_BlV, top_k, top_p)
+    smallest = jnp.min(jnp.where(jnp.isfinite(vals), vals, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BlV < smallest, -jnp.inf, logits_BlV)
 
-    top-k keeps logits >= the k-th largest; top-p removes the smallest-probability tokens whose cumulative
-    probability (ascending) is <= 1 - top_p, never the most likely one.
+
+def gumbel_smooth_weights(filtered_BlV: jax.Array, gumbel_BlV: jax.Array, ratio: float) -> jax.Array:
+    """The reference's ``more_smooth`` code weights: softmax((logits * (1 + r) + g) / tau) over the vocabulary.
+
+    ``filtered_BlV`` are the top-k/top-p-filtered logits (the reference smooths the logits its sampler masked
+    in place, so removed tokens get weight 0); ``gumbel_BlV`` is standard Gumbel noise.
     """
-    V = logits_BlV.shape[-1]
-    if top_k > 0:
-        kth = jax.lax.top_k(logits_BlV, min(top_k, V))[0][..., -1:]
-        logits_BlV = jnp.where(logits_BlV < kth, -jnp.inf, logits_BlV)
-    if top_p > 0:
-        order = jnp.argsort(logits_BlV, axis=-1)  # ascending
-        sorted_logits = jnp.take_along_axis(logits_BlV, order, axis=-1)
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        remove_sorted = (cum <= 1 - top_p).at[..., -1].set(False)
-        inverse = jnp.argsort(order, axis=-1)
-        remove = jnp.take_along_axis(remove_sorted, inverse, axis=-1)
-        logits_BlV = jnp.where(remove, -jnp.inf, logits_BlV)
-    return logits_BlV
-
-
-def gumbel_smooth_codes(rng, logits_BlV, ratio: float, codebook_VC) -> jax.Array:
-    """The reference's ``more_smooth`` codes: softmax((logits * (1 + r) + gumbel) / tau) @ codebook."""
     tau = max(0.27 * (1 - ratio * 0.95), 0.005)  # annealed as in MaskGIT
-    g = jax.random.gumbel(rng, logits_BlV.shape, logits_BlV.dtype)
-    y = jax.nn.softmax((logits_BlV * (1 + ratio) + g) / tau, axis=-1)
-    return jnp.einsum("blv,vc->blc", y, codebook_VC)
+    return jax.nn.softmax((filtered_BlV * (1 + ratio) + gumbel_BlV) / tau, axis=-1)
+
+
+def sample_codes(rng, logits_BlV, opts: SampleOptions, ratio: float, codebook_VC):
+    """One scale's sampling: ``(idx_Bl int32, h_BlC codes)`` from the guided logits.
+
+    The token is drawn among the top-k/top-p survivors; the codes are the codebook rows of the tokens, or with
+    ``more_smooth`` the Gumbel-smoothed mixture of codes over the filtered logits (the tokens stay sampled).
+    """
+    k_sample, k_gumbel = jax.random.split(rng)
+    vals_BlK, idx_BlK = top_k_top_p(logits_BlV, opts.top_k, opts.top_p)
+    pick_Bl = jax.random.categorical(k_sample, vals_BlK, axis=-1)
+    idx_Bl = jnp.take_along_axis(idx_BlK, pick_Bl[..., None], axis=-1)[..., 0].astype(jnp.int32)
+    if not opts.more_smooth:
+        return idx_Bl, jnp.take(codebook_VC, idx_Bl, axis=0)
+    filtered = top_k_top_p_filter(logits_BlV, opts.top_k, opts.top_p)
+    g = jax.random.gumbel(k_gumbel, logits_BlV.shape, logits_BlV.dtype)
+    y = gumbel_smooth_weights(filtered, g, ratio)
+    return idx_Bl, jnp.einsum("blv,vc->blc", y, codebook_VC)
 
 
 def keep_masks(keep_hw: jax.Array, patch_nums) -> list[jax.Array]:
@@ -83,7 +116,8 @@ def _generate(
     gt_tokens_BL=None,
     keep_hw=None,
 ):
-    vae, var = VQVAE(vae_cfg), VAR(var_cfg)
+    dtype = jnp.dtype(opts.dtype)
+    vae, var = VQVAE(vae_cfg), VAR(var_cfg, dtype=dtype)
     vp, tp = {"params": vae_params}, {"params": var_params}
     pns = var_cfg.patch_nums
     S, B, Cv = len(pns), label_B.shape[0], var_cfg.Cvae
@@ -100,12 +134,8 @@ def _generate(
         logits, caches = var.apply(tp, x, cond_BD, caches, method=VAR.step)
         t = opts.cfg * ratio
         logits = (1 + t) * logits[:B] - t * logits[B:]
-        rng, k_sample, k_gumbel = jax.random.split(rng, 3)
-        idx_Bl = jax.random.categorical(k_sample, top_k_top_p_filter(logits, opts.top_k, opts.top_p), axis=-1)
-        if opts.more_smooth:
-            h_BlC = gumbel_smooth_codes(k_gumbel, logits, ratio, codebook)
-        else:
-            h_BlC = jnp.take(codebook, idx_Bl, axis=0)
+        rng, k_scale = jax.random.split(rng)
+        idx_Bl, h_BlC = sample_codes(k_scale, logits, opts, ratio, codebook)
         if keeps is not None:
             gt = gt_tokens_BL[:, cur : cur + pn * pn]
             idx_Bl = jnp.where(keeps[si], gt, idx_Bl)
@@ -116,25 +146,34 @@ def _generate(
         if si != S - 1:
             x = var.apply(tp, nxt.reshape(B, -1, Cv), cur, method=VAR.embed_next)
             x = jnp.concatenate([x, x], axis=0)  # conditional and unconditional halves for CFG
-    img = vae.apply(vp, f_hat, method=VQVAE.fhat_to_img)
+    if dtype != jnp.float32:  # the decoder computes in the parameters' dtype
+        vp = {"params": jax.tree.map(lambda a: a.astype(dtype), vae_params)}
+        f_hat = f_hat.astype(dtype)
+    img = vae.apply(vp, f_hat, method=VQVAE.fhat_to_img).astype(jnp.float32)
     return (img + 1) * 0.5, jnp.concatenate(tokens, axis=1)
+
+
+def sampling_config(var_cfg: VARConfig, opts: SampleOptions) -> VARConfig:
+    """The model config used for sampling: ``opts.attention`` replaces the config's attention kernel."""
+    if opts.dtype not in DTYPES:
+        raise ValueError(f"--dtype {opts.dtype!r} is not supported; expected one of {', '.join(DTYPES)}.")
+    if opts.attention is None:
+        return var_cfg
+    if "attention" not in {f.name for f in dataclasses.fields(var_cfg)}:
+        raise ValueError(f"--attention {opts.attention!r}: this version of VARConfig has no attention field.")
+    return dataclasses.replace(var_cfg, attention=opts.attention)
 
 
 @functools.lru_cache(maxsize=16)
 def make_sampler(vae_cfg: VQVAEConfig, var_cfg: VARConfig, opts: SampleOptions):
-    """Compiled ``sample(vae_params, var_params, label_B, rng) -> (images (B,H,W,3) in [0,1], tokens (B,L))``."""
-    return jax.jit(functools.partial(_generate, vae_cfg, var_cfg, opts))
+    """Compiled ``sample(vae_params, var_params, label_B, rng[, gt_tokens_BL, keep_hw])``.
 
-
-@functools.lru_cache(maxsize=16)
-def make_editor(vae_cfg: VQVAEConfig, var_cfg: VARConfig, opts: SampleOptions):
-    """Compiled ``edit(vae_params, var_params, label_B, rng, gt_tokens_BL, keep_hw)``.
-
-    Tokens where ``keep_hw`` (B, h, w) is 1 are teacher-forced to ``gt_tokens_BL`` (the input image's tokens)
-    at every scale; the rest are generated: in-painting (keep outside a hole), out-painting (keep inside) and
-    class-conditional editing (a new label for the generated region).
+    Returns ``(images (B, H, W, 3) float32 in [0, 1], tokens (B, L) int32)``. With ``gt_tokens_BL`` (the input
+    image's tokens) and ``keep_hw`` (B, h, w) in [0, 1] it edits (VAR section 5): tokens where ``keep_hw`` is 1
+    are teacher-forced at every scale and the rest generated: in-painting (keep outside a hole), out-painting
+    (keep inside) and class-conditional editing (a new label for the generated region).
     """
-    return jax.jit(functools.partial(_generate, vae_cfg, var_cfg, opts))
+    return jax.jit(functools.partial(_generate, vae_cfg, sampling_config(var_cfg, opts), opts))
 
 
 def mask_to_keep(mask_HW: np.ndarray, hw: int) -> np.ndarray:

@@ -58,15 +58,28 @@ def prog_stage(step: int, *, pg: float, pg0: int, wp_it: float, max_it: int, num
     return -1 if si == num_scales - 1 else si
 
 
-def prog_warmup(step: int, stage_fn, pgwp_it: float) -> float:
+def stage_start(step: int, stage_fn) -> int:
+    """First step of the progressive stage that ``step`` is in.
+
+    Stages never go back, so each stage is one contiguous run of steps: a binary search over [0, step].
+    """
+    si, lo, hi = stage_fn(step), 0, step
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if stage_fn(mid) == si:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def prog_warmup(step: int, stage_fn, pgwp_it: float, first: int | None = None) -> float:
     """Loss weight of the newest scale: ramps over ``pgwp_it`` steps after each stage change (the first stage
-    is not ramped, since the lr warm-up already covers it)."""
+    is not ramped, since the lr warm-up already covers it). ``first``: the stage's first step, when known."""
     si = stage_fn(step)
-    first = 0
-    while first < step and stage_fn(first) != si:  # stages only grow, so the first step of this stage is found
-        first += 1
     if stage_fn(0) == si:
         return 1.0
+    first = stage_start(step, stage_fn) if first is None else first
     return max(min((step - first + 1) / max(pgwp_it, 1e-9), 1.0), 0.01)
 
 
@@ -304,16 +317,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 class _with_prog_wp:
-    """Wraps the data iterator to attach the progressive-training loss weight of the step to each batch."""
+    """Wraps the data iterator to attach the progressive-training loss weight of the step to each batch.
+
+    The current stage and its first step are carried from step to step (O(1) per step); after a restore the
+    first step is found once by :func:`stage_start`.
+    """
 
     def __init__(self, it, stage, pgwp_it):
         self._it, self._stage, self._pgwp = it, stage, pgwp_it
         self.steps_per_epoch = it.steps_per_epoch
         self._step = 0
+        self._si, self._first = None, 0
 
     def __next__(self):
         b = dict(next(self._it))
-        wp = prog_warmup(self._step, self._stage, self._pgwp)
+        si = self._stage(self._step)
+        if si != self._si:
+            self._first = self._step if self._si is not None else stage_start(self._step, self._stage)
+            self._si = si
+        wp = prog_warmup(self._step, self._stage, self._pgwp, first=self._first)
         b["prog_wp"] = np.full((len(b["label"]),), wp, np.float32)
         self._step += 1
         return b
@@ -323,6 +345,7 @@ class _with_prog_wp:
 
     def restore(self, s):
         self._step = int(s.get("step", 0))
+        self._si = None
         self._it.restore({k: v for k, v in s.items() if k != "step"})
 
 

@@ -1,0 +1,150 @@
+"""Times the official PyTorch VAR (FoundationVision/VAR) on the shapes that bench_train/bench_sample use.
+
+Run with a Python that has torch (never varjax's environment), pointing at a checkout of the official code:
+
+    git clone https://github.com/FoundationVision/VAR /path/to/VAR
+    python -m venv /path/to/torchenv && /path/to/torchenv/bin/pip install torch
+    /path/to/torchenv/bin/python bench/official_bench.py --var-repo /path/to/VAR --what sample --depth 8 --json o.json
+
+``--what train``: one training step as the official trainer does it from token ids (``idxBl_to_var_input``,
+forward, cross-entropy averaged over tokens, backward, gradient clipping, AdamW step), like
+``bench/bench_train.py`` (which also starts from token ids). ``--what sample``: ``autoregressive_infer_cfg``
+(CFG, top-k, top-p, the VQVAE decode included). ``--what decode``: ``fhat_to_img`` of a random f_hat.
+All float32 on CPU (or the official code's own bf16/fp16 autocast on CUDA with --dtype). Random weights:
+VAR with its own ``init_weights``, the VQVAE (whose builder skips initialisation) with N(0, 0.02) weights.
+Prints the same keys as the varjax benchmarks (``sample_time_s``, ``step_time_s``, ``images_per_s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--var-repo", required=True, help="checkout of https://github.com/FoundationVision/VAR")
+    p.add_argument("--what", choices=("train", "sample", "decode"), required=True)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=256, choices=(256, 512))
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed calls after one warm-up call")
+    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--top-k", type=int, default=900)
+    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--dtype", default="float32", help="float32, or bfloat16/float16 autocast (CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+
+    import torch
+
+    sys.path.insert(0, a.var_repo)
+    try:
+        import huggingface_hub  # noqa: F401  (the official models import it for their Hub mixin only)
+    except ImportError:
+        import types
+
+        sys.modules["huggingface_hub"] = types.SimpleNamespace(PyTorchModelHubMixin=type("Mixin", (), {}))
+    from models import build_vae_var
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pns = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) if a.resolution == 256 else (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+    torch.manual_seed(0)
+    vae, var = build_vae_var(
+        device=dev,
+        patch_nums=pns,
+        depth=a.depth,
+        shared_aln=a.resolution == 512,
+        flash_if_available=dev.type == "cuda",
+        fused_if_available=dev.type == "cuda",
+    )
+    with torch.no_grad():
+        for prm in vae.parameters():  # the builder leaves the VQVAE uninitialised (loaded from a file normally)
+            prm.normal_(0, 0.02)
+    amp = a.dtype != "float32" and dev.type == "cuda"
+    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(a.dtype, torch.float32)
+    B, V, L = a.batch_size, vae.vocab_size, sum(pn * pn for pn in pns)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if a.what == "train":
+        var.train()
+        opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        gen = torch.Generator().manual_seed(0)
+        idx = [torch.randint(0, V, (B, pn * pn), generator=gen).to(dev) for pn in pns]
+        label = torch.randint(0, 1000, (B,), generator=gen).to(dev)
+        gt_BL = torch.cat(idx, dim=1)
+        loss_w = torch.full((1, L), 1.0 / L, device=dev)
+        ce = torch.nn.CrossEntropyLoss(reduction="none")
+
+        def call():
+            x = vae.quantize.idxBl_to_var_input(idx)
+            with torch.autocast(dev.type, enabled=amp, dtype=amp_dtype):
+                logits = var(label, x)
+                loss = ce(logits.view(-1, V).float(), gt_BL.view(-1)).view(B, -1).mul(loss_w).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
+            opt.step()
+            return loss
+    elif a.what == "sample":
+        var.eval()
+        labels = torch.arange(B, device=dev) % 1000
+
+        def call():
+            with torch.inference_mode(), torch.autocast(dev.type, enabled=amp, dtype=amp_dtype):
+                return var.autoregressive_infer_cfg(
+                    B=B, label_B=labels, cfg=a.cfg, top_k=a.top_k, top_p=a.top_p, g_seed=0, more_smooth=False
+                )
+    else:
+        f_hat = torch.randn(B, vae.Cvae, pns[-1], pns[-1], device=dev)
+
+        def call():
+            with torch.inference_mode(), torch.autocast(dev.type, enabled=amp, dtype=amp_dtype):
+                return vae.fhat_to_img(f_hat)
+
+    t0 = time.perf_counter()
+    call()
+    sync()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    key = "step_time_s" if a.what == "train" else "sample_time_s"
+    res = {
+        "impl": "official",
+        "what": {"train": "train", "sample": "sample", "decode": "vqvae_decode"}[a.what],
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "depth": a.depth,
+        "batch_size": B,
+        "dtype": a.dtype,
+        "first_call_s": first,
+        "times_s": times,
+        key: med,
+        "images_per_s": B / med,
+    }
+    if a.what == "train":
+        res["tokens_per_s"] = B * L / med
+    for k, v in res.items():
+        print(f"{k:>16}: {v:.4g}" if isinstance(v, float) else f"{k:>16}: {v}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
