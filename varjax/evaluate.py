@@ -83,28 +83,27 @@ def evaluate(
 
 
 def run_cli(argv: list[str]) -> None:
+    from varjax.user_errors import at_least, in_range
+
     p = argparse.ArgumentParser(prog=argv[0], description=__doc__)
     p.add_argument("--ckpt", required=True, help="model directory or training workdir (VAR or tokenizer)")
-    p.add_argument("--per-class", type=int, default=16, help="samples per class")
-    p.add_argument("--heldout", type=int, default=256, help="held-out images for the tokenizer PSNR")
-    p.add_argument("--cfg", type=float, default=1.5)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--per-class", type=at_least(1, int), default=16, help="samples per class")
+    p.add_argument("--heldout", type=at_least(1, int), default=256, help="held-out images for the tokenizer PSNR")
+    p.add_argument("--cfg", type=at_least(0.0), default=1.5, help="guidance scale >= 0")
+    p.add_argument("--top-k", type=at_least(0, int), default=0, help="keep the k most likely codes (0: all)")
+    p.add_argument("--top-p", type=in_range(0.0, 1.0), default=0.0, help="nucleus mass in [0, 1] (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help="optional PNG grid of the samples (one row per class)")
     p.add_argument("--out", default=None, help="JSON file (default: CKPT/eval.json)")
     a = p.parse_args(argv[1:])
-    try:
-        res = evaluate(
-            a.ckpt,
-            per_class=a.per_class,
-            num_heldout=a.heldout,
-            opts=SampleOptions(a.cfg, a.top_k, a.top_p),
-            seed=a.seed,
-            grid=a.grid,
-        )
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    res = evaluate(
+        a.ckpt,
+        per_class=a.per_class,
+        num_heldout=a.heldout,
+        opts=SampleOptions(a.cfg, a.top_k, a.top_p),
+        seed=a.seed,
+        grid=a.grid,
+    )
     out = Path(a.out or Path(a.ckpt) / "eval.json")
     out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

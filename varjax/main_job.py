@@ -17,14 +17,15 @@ import json
 import time
 from pathlib import Path
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def _load_config(name: str, overrides: list[str], prefix: str):
-    """Loads ``configs/<name>.py`` and applies ``--<prefix>.a.b=value`` overrides (values parsed as Python)."""
+    """Loads the shipped config ``name`` and applies ``--<prefix>.a.b=value`` overrides (values parsed as Python)."""
     import ast
+    import difflib
 
-    spec = importlib.util.spec_from_file_location(name, REPO_CONFIGS / f"{name}.py")
+    from varjax.config_files import resolve_config
+
+    spec = importlib.util.spec_from_file_location(name, resolve_config(name))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg = mod.get_config()
@@ -34,13 +35,22 @@ def _load_config(name: str, overrides: list[str], prefix: str):
             val = ast.literal_eval(val)
         except (ValueError, SyntaxError):
             pass  # a plain string
+        *path, leaf = key.split(".")
         target = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            target = target[p]
-        if parts[-1] not in target:
-            raise SystemExit(f"error: --{prefix}.{key}: no such field in configs/{name}.py")
-        target[parts[-1]] = val
+        for i, p in enumerate([*path, leaf]):
+            fields = sorted(target.keys()) if hasattr(target, "keys") else []
+            if p not in fields:
+                close = difflib.get_close_matches(p, fields, n=1)
+                raise ValueError(
+                    f"--{prefix}.{key}: configs/{name}.py has no field {'.'.join([*path, leaf][: i + 1])!r}"
+                    + (f"; did you mean {close[0]!r}?" if close else f"; expected one of {fields}.")
+                )
+            if i < len(path):
+                target = target[p]
+        try:
+            target[leaf] = val
+        except TypeError as e:  # ml_collections refuses a value of another type than the field's
+            raise ValueError(f"{o}: {e}") from None
     return cfg
 
 
@@ -101,13 +111,17 @@ def run(workdir: str, tok_overrides: list[str], var_overrides: list[str], per_cl
 
 
 def run_cli(argv: list[str]) -> None:
+    from varjax.user_errors import at_least
+
     p = argparse.ArgumentParser(prog=argv[0], description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workdir", default="runs/main")
-    p.add_argument("--per-class", type=int, default=16, help="samples per class in the grid and the evaluation")
+    p.add_argument(
+        "--per-class", type=at_least(1, int), default=16, help="samples per class in the grid and the evaluation"
+    )
     a, rest = p.parse_known_args(argv[1:])
     bad = [r for r in rest if not (r.startswith("--tok.") or r.startswith("--var."))]
     if bad:
-        raise SystemExit(f"error: unknown arguments {bad}; use --tok.field=value or --var.field=value")
+        raise ValueError(f"unknown arguments {bad}; use --tok.field=value or --var.field=value")
     run(
         a.workdir, [r for r in rest if r.startswith("--tok.")], [r for r in rest if r.startswith("--var.")], a.per_class
     )

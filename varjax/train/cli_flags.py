@@ -29,6 +29,8 @@ def run_with_config(argv: list[str], fn: Callable, what: str, *, needs_workdir: 
         raise SystemExit(
             f"error: {e}\nusage: {argv[0]} --config configs/<file>.py[:args] --workdir DIR [--config.field=value ...]"
         ) from None
+    except (KeyError, AttributeError, TypeError) as e:  # ml_collections: unknown field or value of the wrong type
+        raise ValueError(_override_error(argv, e)) from None
     if fv.config is None:
         raise SystemExit(f"error: {argv[0]} needs --config configs/<file>.py[:args]")
     if needs_workdir and not fv.workdir:
@@ -36,3 +38,13 @@ def run_with_config(argv: list[str], fn: Callable, what: str, *, needs_workdir: 
     print_config(fv.config)
     sys.stdout.flush()
     fn(fv.config, fv.workdir)
+
+
+def _override_error(argv: list[str], e: Exception) -> str:
+    """One line naming the ``--config.x=y`` flag that ml_collections refused, with its suggestion if any."""
+    text = " ".join(str(e).replace("\\n", " ").replace("\\", "").replace("'", "").split())
+    overrides = [a for a in argv if a.startswith("--config.")]
+    first = text.split()[0] if text else ""
+    named = [a for a in overrides if first and first in a.partition("=")[0]] or overrides
+    what = "a value of the wrong type" if isinstance(e, TypeError) else "a field the config does not have"
+    return f"{' '.join(named)}: {what} ({text})."
