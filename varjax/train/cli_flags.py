@@ -13,6 +13,11 @@ from varjax.train.config_utils import print_config
 
 def run_with_config(argv: list[str], fn: Callable, what: str, *, needs_workdir: bool = True) -> None:
     """Parses ``--config FILE[:args] --workdir DIR [--config.x=y ...]`` and calls ``fn(config, workdir)``."""
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        print(f"usage: {argv[0]} --config NAME|FILE.py[:args] --workdir DIR [--config.field=value ...]\n\n"
+              f"Trains the {what}. --config is a config file or the name of a shipped one (e.g. var_d16, "
+              "tokenizer_shapes); every config field can be overridden with --config.field=value.")
+        return
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config",
