@@ -5,7 +5,9 @@ setup(
     name="varjax",
     version="0.1.0",
     description="Visual AutoRegressive modeling (next-scale prediction) in JAX/Flax",
-    packages=find_packages(include=["varjax", "varjax.*"]),
+    # configs/ ships as the package varjax.configs, so `--config var_d16` works without a source checkout.
+    packages=find_packages(include=["varjax", "varjax.*"]) + ["varjax.configs"],
+    package_dir={"varjax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.30",
@@ -19,6 +21,7 @@ setup(
         "ml_dtypes",
         "safetensors>=0.4",
         "pillow>=10",
+        "scipy>=1.10",
         "matplotlib>=3.8",
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9.6",

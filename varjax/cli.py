@@ -172,8 +172,19 @@ def cmd_export(a) -> None:
     run(a)
 
 
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    from varjax.user_errors import at_least, in_range
+
+    p.add_argument("--cfg", type=at_least(0.0), default=1.5, help="guidance scale >= 0 at the last scale")
+    p.add_argument("--top-k", type=at_least(0, int), default=900, help="keep the k most likely codes (0: all)")
+    p.add_argument("--top-p", type=in_range(0.0, 1.0), default=0.96, help="nucleus mass in [0, 1] (0: off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from varjax.user_errors import at_least
+
     p = argparse.ArgumentParser(prog="varjax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (first argument)")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert released PyTorch checkpoints (no PyTorch needed)")
@@ -192,9 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="class-conditional sampling to a PNG grid")
     s.add_argument("--ckpt", required=True)
     s.add_argument("--labels", type=_ints, required=True, help="class ids, e.g. 3,7,980")
-    s.add_argument("--cfg", type=float, default=1.5)
-    s.add_argument("--top-k", type=int, default=900)
-    s.add_argument("--top-p", type=float, default=0.96)
+    _sampling_flags(s)
     s.add_argument("--more-smooth", action="store_true")
     s.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16 or float16")
     s.add_argument("--attention", default=None, help="attention kernel (VARConfig.attention); default: the model's")
@@ -212,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--ckpt", required=True)
         t.add_argument("--images", required=True, help="folder of images, or .npy/.npz (B,H,W,3)")
         t.add_argument("--out", required=True)
-        t.add_argument("--batch-size", type=int, default=16)
+        t.add_argument("--batch-size", type=at_least(1, int), default=16)
         t.set_defaults(fn=fn)
 
     e = sub.add_parser("edit", help="zero-shot in-painting / out-painting / class-conditional editing")
@@ -220,9 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image", required=True)
     e.add_argument("--mask", required=True, help="PNG; white marks the region to generate")
     e.add_argument("--label", type=int, required=True, help="class id; num_classes means unconditional")
-    e.add_argument("--cfg", type=float, default=1.5)
-    e.add_argument("--top-k", type=int, default=900)
-    e.add_argument("--top-p", type=float, default=0.96)
+    _sampling_flags(e)
     e.add_argument("--more-smooth", action="store_true")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True)
@@ -238,19 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _run(argv: list[str]) -> None:
     if argv and argv[0] in TRAINING_COMMANDS:
         import importlib
 
+        from varjax.config_files import resolve_config_flags
+
         module = importlib.import_module(TRAINING_COMMANDS[argv[0]])
-        try:
-            module.run_cli([f"varjax {argv[0]}"] + argv[1:])
-        except (ValueError, FileNotFoundError) as e:  # bad config or input: the message says what to change
-            raise SystemExit(f"error: {e}") from None
+        module.run_cli([f"varjax {argv[0]}"] + resolve_config_flags(argv[1:]))
         return
     args = build_parser().parse_args(argv)
-    try:
-        args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    args.fn(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``varjax [--debug] COMMAND ...``: bad input ends in one ``error: ...`` paragraph and exit code 2."""
+    from varjax.user_errors import report_user_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == "--debug"
+    with report_user_errors(debug):
+        _run(argv[1:] if debug else argv)

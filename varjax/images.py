@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,22 @@ def to_unit_float(arr: np.ndarray, source: str) -> np.ndarray:
     raise ValueError(f"{source}: unsupported dtype {arr.dtype}; expected uint8 or float.")
 
 
+def _open_image(path: str | os.PathLike, mode: str) -> Image.Image:
+    """The decoded image in ``mode``; an unreadable or corrupt file is a ValueError naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(2, "no such image file", str(path))
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(
+            f"{path}: not a readable image ({type(e).__name__}: {e}); expected a PNG/JPEG/BMP/WebP/TIFF file."
+        ) from None
+
+
 def load_image_file(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     """One image as (H, W, 3) float32 in [0, 1]; with ``size``, resized (short side) and centre-cropped."""
-    img = Image.open(path).convert("RGB")
+    img = _open_image(path, "RGB")
     if size is not None:
         w, h = img.size
         s = size / min(w, h)
@@ -51,20 +65,16 @@ def load_images(src: str | os.PathLike, size: int | None = None) -> np.ndarray:
     ``.npz`` files use the key ``images`` (or their only array). Folders are read in sorted order.
     """
     p = Path(src)
+    if not p.exists():
+        raise FileNotFoundError(2, "no such folder or file (expected a folder of images or a .npy/.npz array)",
+                                str(p))
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
         if not files:
             raise ValueError(f"{p}: the folder holds no image files ({', '.join(IMAGE_EXTS)}).")
         return np.stack([load_image_file(f, size) for f in files])
-    if p.suffix == ".npy":
-        arr = to_unit_float(np.load(p, allow_pickle=False), str(p))
-    elif p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            keys = list(z.keys())
-            key = "images" if "images" in keys else (keys[0] if len(keys) == 1 else None)
-            if key is None:
-                raise ValueError(f"{p}: expected a key 'images' (or a single array); found {keys}.")
-            arr = to_unit_float(z[key], f"{p}[{key}]")
+    if p.suffix in (".npy", ".npz"):
+        arr = _load_array(p)
     elif p.suffix.lower() in IMAGE_EXTS and p.is_file():
         return load_image_file(p, size)[None]
     else:
@@ -72,6 +82,25 @@ def load_images(src: str | os.PathLike, size: int | None = None) -> np.ndarray:
     if size is not None and arr.shape[1:3] != (size, size):
         raise ValueError(f"{p}: images are {arr.shape[1]}x{arr.shape[2]}, the model needs {size}x{size}.")
     return arr
+
+
+def _load_array(p: Path) -> np.ndarray:
+    """(B, H, W, 3) float32 in [0, 1] from a ``.npy`` or ``.npz`` file (key ``images`` or its only array)."""
+    try:
+        if p.suffix == ".npy":
+            return to_unit_float(np.load(p, allow_pickle=False), str(p))
+        with np.load(p, allow_pickle=False) as z:
+            keys = list(z.keys())
+            key = "images" if "images" in keys else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ValueError(f"{p}: expected a key 'images' (or a single array); found {keys}.")
+            return to_unit_float(z[key], f"{p}[{key}]")
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{p}: not a readable {p.suffix} array ({type(e).__name__}: {e}).") from None
+    except ValueError as e:
+        if str(e).startswith(str(p)):
+            raise
+        raise ValueError(f"{p}: not a readable {p.suffix} array of images ({e}).") from None
 
 
 def make_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
@@ -104,5 +133,5 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int) -> None:
 
 def load_mask(path: str | os.PathLike, size: int) -> np.ndarray:
     """A mask image -> (size, size) float in {0, 1}; white (> 127) marks the region to generate."""
-    m = Image.open(path).convert("L").resize((size, size), Image.Resampling.NEAREST)
+    m = _open_image(path, "L").resize((size, size), Image.Resampling.NEAREST)
     return (np.asarray(m) > 127).astype(np.float32)

@@ -14,19 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from varjax import paths
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def _load_config(name: str, overrides: list[str], prefix: str):
-    """Loads ``configs/<name>.py`` and applies ``--<prefix>.a.b=value`` overrides (the training commands' parser)."""
+    """Loads the shipped config ``name`` and applies ``--<prefix>.a.b=value`` overrides (the training commands'
+    parser)."""
+    from varjax.config_files import resolve_config
     from varjax.train.cli_flags import config_from_args, split_overrides
 
     _, parsed = split_overrides(list(overrides), prefix)
-    return config_from_args(str(REPO_CONFIGS / f"{name}.py"), parsed, prefix=prefix)
+    return config_from_args(str(resolve_config(name)), parsed, prefix=prefix)
 
 
 def tokenize_train_split(var_cfg, tokenizer_dir: str, out: str) -> str:
@@ -86,13 +85,17 @@ def run(workdir: str, tok_overrides: list[str], var_overrides: list[str], per_cl
 
 
 def run_cli(argv: list[str]) -> None:
+    from varjax.user_errors import at_least
+
     p = argparse.ArgumentParser(prog=argv[0], description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--workdir", default="runs/main")
-    p.add_argument("--per-class", type=int, default=16, help="samples per class in the grid and the evaluation")
+    p.add_argument(
+        "--per-class", type=at_least(1, int), default=16, help="samples per class in the grid and the evaluation"
+    )
     a, rest = p.parse_known_args(argv[1:])
     bad = [r for r in rest if not (r.startswith("--tok.") or r.startswith("--var."))]
     if bad:
-        raise SystemExit(f"error: unknown arguments {bad}; use --tok.field=value or --var.field=value")
+        raise ValueError(f"unknown arguments {bad}; use --tok.field=value or --var.field=value")
     run(
         a.workdir, [r for r in rest if r.startswith("--tok.")], [r for r in rest if r.startswith("--var.")], a.per_class
     )

@@ -85,6 +85,16 @@ def nearest_code(z_NC: jax.Array, codebook_VC: jax.Array, using_znorm: bool) -> 
     return jnp.argmin(d, axis=1).astype(jnp.int32)
 
 
+def codebook_init(key: jax.Array, shape_VC: tuple[int, int], dtype=jnp.float32) -> jax.Array:
+    """Codebook (V, C) drawn from uniform(-1/V, 1/V): the reference's ``eini(-1)``, taming's VQ init.
+
+    Symmetric around zero, so the codes start spread around the (roughly centred) encoder features; flax's
+    ``uniform(scale)`` would draw from [0, scale) and put every code in the positive orthant.
+    """
+    bound = 1.0 / shape_VC[0]
+    return jax.random.uniform(key, shape_VC, dtype, minval=-bound, maxval=bound)
+
+
 class VectorQuantizer(nn.Module):
     """Multi-scale residual quantizer; parameters: ``embedding`` (V, C) and ``phi_{k}/conv``."""
 
@@ -98,9 +108,7 @@ class VectorQuantizer(nn.Module):
     default_qresi_counts: int = 0
 
     def setup(self):
-        self.embedding = self.param(
-            "embedding", nn.initializers.uniform(scale=2.0 / self.vocab_size), (self.vocab_size, self.channels)
-        )
+        self.embedding = self.param("embedding", codebook_init, (self.vocab_size, self.channels))
         n = num_phi_convs(self.share_quant_resi, len(self.patch_nums), self.default_qresi_counts)
         self.phis = [Phi(self.channels, self.quant_resi, name=f"phi_{k}") for k in range(n)]
 

@@ -153,29 +153,60 @@ def teacher_forcing_inputs(vae: VQVAE, vae_params, patch_nums, batch):
     return jnp.concatenate(idx, axis=1), x
 
 
-def make_eval_fn(vae_cfg: VQVAEConfig, vae_params, model_cfg: VARConfig, dtype=jnp.float32):
-    """``evaluate(params, batches, mesh=None) -> {L_mean, L_tail, acc_mean, acc_tail}`` over eval batches
-    (padded examples carry ``mask`` 0 and are not counted)."""
+EVAL_KEYS = ("L_mean", "L_tail", "acc_mean", "acc_tail")
+
+
+def drop_labels(label_B, key, rate: float, num_classes: int):
+    """Labels replaced by the null class ``num_classes`` where ``uniform(key, (B,)) < rate``.
+
+    The reference's ``VAR.forward`` does this in evaluation too (its ``eval_ep`` calls the same forward), so
+    its reported test losses are on class-dropped batches.
+    """
+    drop_B = jax.random.uniform(key, label_B.shape) < rate
+    return jnp.where(drop_B, num_classes, label_B)
+
+
+def make_eval_fn(vae_cfg: VQVAEConfig, vae_params, model_cfg: VARConfig, dtype=jnp.float32, seed: int = 0):
+    """``evaluate(params, batches, mesh=None) -> dict`` over eval batches (padded examples carry ``mask`` 0 and
+    are not counted).
+
+    ``L_mean``, ``L_tail``, ``acc_mean``, ``acc_tail`` are computed as the reference trainer computes them: each
+    batch's labels are dropped to the null class at ``model_cfg.cond_drop_rate``, here with a fixed key per
+    batch (``fold_in(PRNGKey(seed), batch index)``), so the numbers are deterministic. The same four with
+    ``_nodrop`` appended use the true labels of every example.
+    """
     vae, var = VQVAE(vae_cfg), VAR(model_cfg, dtype=dtype)
     pns = model_cfg.patch_nums
+    rate, null = float(model_cfg.cond_drop_rate), model_cfg.num_classes
 
     @jax.jit
-    def batch_stats(params, batch):
+    def batch_stats(params, batch, key):
         gt_BL, x = teacher_forcing_inputs(vae, vae_params, pns, batch)
-        logits = var.apply({"params": params}, batch["label"], x, train=False)
-        return eval_stats(logits, gt_BL, pns[-1] ** 2, batch["mask"])
+
+        def stats(label_B):
+            logits = var.apply({"params": params}, label_B, x, train=False)
+            return eval_stats(logits, gt_BL, pns[-1] ** 2, batch["mask"])
+
+        nodrop = stats(batch["label"])
+        dropped = stats(drop_labels(batch["label"], key, rate, null)) if rate > 0 else nodrop
+        return dropped, nodrop
 
     def evaluate(params, batches, mesh=None) -> dict:
         from varjax.train.sharding import make_global_batch
 
-        tot = np.zeros(5)
-        for b in batches:
+        base = jax.random.PRNGKey(seed)
+        tot, tot_nodrop = np.zeros(5), np.zeros(5)
+        for i, b in enumerate(batches):
             b = {k: v for k, v in b.items() if k in ("image", "tokens", "label", "mask")}
             if mesh is not None:
                 b = make_global_batch(b, mesh)
-            tot += np.asarray(jax.device_get(batch_stats(params, b)))
-        n = max(tot[4], 1)
-        return {"L_mean": tot[0] / n, "L_tail": tot[1] / n, "acc_mean": tot[2] / n, "acc_tail": tot[3] / n}
+            dropped, nodrop = jax.device_get(batch_stats(params, b, jax.random.fold_in(base, i)))
+            tot += np.asarray(dropped)
+            tot_nodrop += np.asarray(nodrop)
+        out = {k: float(v) for k, v in zip(EVAL_KEYS, tot[:4] / max(tot[4], 1), strict=True)}
+        out.update({f"{k}_nodrop": float(v) for k, v in zip(EVAL_KEYS, tot_nodrop[:4] / max(tot_nodrop[4], 1),
+                                                             strict=True)})
+        return out
 
     return evaluate
 

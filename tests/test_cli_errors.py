@@ -1,0 +1,221 @@
+"""The command line meets bad input with one ``error:`` paragraph naming the flag, file or field, a non-zero
+exit code and no traceback; every command of the README parses (its work function is replaced by a stub)."""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from varjax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("convert", "sample", "tokenize", "reconstruct", "edit", "train", "train-tokenizer", "eval", "sweep",
+            "main")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny tokenizer + transformer model directory (random weights, 16px)."""
+    from varjax.ckpt import save_model_dir
+    from varjax.models.var import VAR, VARConfig
+    from varjax.models.vqvae import VQVAE, VQVAEConfig
+
+    vae_cfg = VQVAEConfig(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, using_sa=False,
+                          using_mid_sa=False, patch_nums=(1, 2, 4, 8), num_groups=4)
+    var_cfg = VARConfig(depth=1, embed_dim=16, num_heads=2, num_classes=3, vocab_size=16, Cvae=4,
+                        patch_nums=(1, 2, 4, 8))
+    vae_params = jax.jit(lambda k: VQVAE(vae_cfg).init(k, jnp.zeros((1, 16, 16, 3)), method=VQVAE.init_all))(
+        jax.random.PRNGKey(0))["params"]
+    var_params = jax.jit(lambda k: VAR(var_cfg).init(k, jnp.zeros((1,), jnp.int32), jnp.zeros((1, var_cfg.L - 1, 4)),
+                                                     method=VAR.init_all))(jax.random.PRNGKey(1))["params"]
+    d = tmp_path_factory.mktemp("model") / "m"
+    save_model_dir(str(d), vae_cfg, vae_params, var_cfg, var_params)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("inputs")
+    corrupt = d / "corrupt"
+    corrupt.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(corrupt / "a_good.png")
+    (corrupt / "b_broken.png").write_bytes(b"\x89PNG not really an image")
+    (d / "empty").mkdir()
+    np.save(d / "rank2.npy", np.zeros((16, 16), np.float32))
+    np.savez(d / "rank5.npz", images=np.zeros((1, 2, 16, 16, 3), np.float32))
+    (d / "garbage.npy").write_bytes(b"not an npy file")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(d / "photo.png")
+    (d / "mask.png").write_bytes(b"GIF89a broken")
+    return d
+
+
+def run_main(argv, capsys):
+    """(exit code, stderr) of ``varjax ARGV`` run in this process."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def check_error(code, err, *names):
+    assert code not in (0, None), err
+    assert "Traceback" not in err, err
+    assert "error:" in err, err
+    for n in names:
+        assert n in err, (n, err)
+
+
+@pytest.mark.parametrize(
+    "case, argv, names",
+    [
+        ("corrupt image", ["tokenize", "--images", "{d}/corrupt", "--out", "{d}/t.npz"], ["b_broken.png"]),
+        ("empty folder", ["reconstruct", "--images", "{d}/empty", "--out", "{d}/r"], ["empty", "no image files"]),
+        ("rank-2 npy", ["tokenize", "--images", "{d}/rank2.npy", "--out", "{d}/t.npz"], ["rank2.npy", "(B, H, W, 3)"]),
+        ("rank-5 npz", ["tokenize", "--images", "{d}/rank5.npz", "--out", "{d}/t.npz"], ["rank5.npz", "(B, H, W, 3)"]),
+        ("garbage npy", ["reconstruct", "--images", "{d}/garbage.npy", "--out", "{d}/r"], ["garbage.npy"]),
+        ("missing images", ["tokenize", "--images", "{d}/nowhere", "--out", "{d}/t.npz"], ["nowhere"]),
+        ("corrupt mask", ["edit", "--image", "{d}/photo.png", "--mask", "{d}/mask.png", "--label", "0", "--out",
+                          "{d}/e.png"], ["mask.png"]),
+        ("missing image", ["edit", "--image", "{d}/none.png", "--mask", "{d}/mask.png", "--label", "0", "--out",
+                           "{d}/e.png"], ["none.png"]),
+        ("label range", ["sample", "--labels", "0,7", "--out", "{d}/s.png"], ["--labels", "0..2"]),
+    ],
+)
+def test_bad_inputs_of_model_commands(case, argv, names, model_dir, bad_inputs, capsys):
+    argv = [a.format(d=bad_inputs) for a in argv]
+    argv = argv[:1] + ["--ckpt", model_dir] + argv[1:]
+    code, err = run_main(argv, capsys)
+    check_error(code, err, *names)
+    assert code == 2
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["sample", "--ckpt", "x", "--labels", "1", "--out", "s.png", "--top-p", "7"], ["--top-p", "[0.0, 1.0]"]),
+        (["sample", "--ckpt", "x", "--labels", "1", "--out", "s.png", "--top-p", "-0.1"], ["--top-p"]),
+        (["sample", "--ckpt", "x", "--labels", "1", "--out", "s.png", "--top-k", "-1"], ["--top-k", ">= 0"]),
+        (["sample", "--ckpt", "x", "--labels", "1", "--out", "s.png", "--cfg", "-2"], ["--cfg", ">= 0"]),
+        (["sample", "--ckpt", "x", "--labels", "1", "--out", "s.png", "--top-k", "many"], ["--top-k", "integer"]),
+        (["edit", "--ckpt", "x", "--image", "a", "--mask", "m", "--label", "1", "--out", "o", "--top-p", "1.5"],
+         ["--top-p"]),
+        (["eval", "--ckpt", "x", "--top-p", "3"], ["--top-p"]),
+        (["eval", "--ckpt", "x", "--cfg", "-1"], ["--cfg"]),
+        (["main", "--per-class", "0"], ["--per-class"]),
+        (["sample", "--ckpt", "{tmp}/no_model", "--labels", "1", "--out", "s.png"], ["no_model"]),
+        (["train", "--config", "var_shapes", "--workdir", "w", "--config.batchsize=8"],
+         ["--config.batchsize=8", "batch_size"]),
+        (["train", "--config", "var_shapes", "--workdir", "w", "--config.data.nme=x"], ["--config.data.nme", "name"]),
+        (["train", "--config", "var_shapes", "--workdir", "w", "--config.batch_size=abc"],
+         ["--config.batch_size", "abc"]),
+        (["train", "--config", "var_shape", "--workdir", "w"], ["--config var_shape", "'var_shapes'"]),
+        (["train-tokenizer", "--config", "configs/no_such.py", "--workdir", "w"], ["configs/no_such.py"]),
+        (["main", "--var.batchsize=8"], ["--var.batchsize", "'batch_size'"]),
+        (["main", "--tok.vae.vocab=8"], ["--tok.vae.vocab", "'vocab_size'"]),
+        (["main", "--var.total_steps=many"], ["--var.total_steps=many"]),
+    ],
+)
+def test_bad_flags(argv, names, capsys, tmp_path, monkeypatch):
+    from varjax.train import tok_trainer, var_trainer
+
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    monkeypatch.setattr(var_trainer, "train", lambda *a: ran.append(a))
+    monkeypatch.setattr(tok_trainer, "train", lambda *a: (_ for _ in ()).throw(RuntimeError("stub: configs parsed")))
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, err = run_main(argv, capsys)
+    check_error(code, err, *names)
+    assert not ran
+
+
+def test_debug_shows_the_traceback(model_dir, bad_inputs):
+    with pytest.raises(ValueError, match="b_broken.png"):
+        cli.main(["--debug", "tokenize", "--ckpt", model_dir, "--images", str(bad_inputs / "corrupt"), "--out",
+                  str(bad_inputs / "t.npz")])
+
+
+def test_installed_entry_point_prints_one_paragraph(bad_inputs, model_dir):
+    """The real process: exit code 2, the message on stderr, no traceback."""
+    r = subprocess.run(
+        [sys.executable, "-m", "varjax", "reconstruct", "--ckpt", model_dir, "--images", str(bad_inputs / "corrupt"),
+         "--out", str(bad_inputs / "r")],
+        capture_output=True, text=True, timeout=600, cwd=bad_inputs,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "b_broken.png" in errors[0], r.stderr
+
+
+# ---------------------------------------------------------------- README commands
+
+
+def readme_commands() -> list[list[str]]:
+    """Every ``varjax ...`` command in the README's bash blocks (continuations joined, `&&` chains split)."""
+    text = (ROOT / "README.md").read_text()
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part, comments=True)
+                if words[:1] == ["varjax"]:
+                    cmds.append(words[1:])
+    return cmds
+
+
+def test_readme_documents_the_main_job_command():
+    assert ["main", "--workdir", "runs/main"] in readme_commands()
+    assert {c[0] for c in readme_commands()} >= {"convert", "sample", "train", "train-tokenizer", "sweep", "main"}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command(command, capsys):
+    try:
+        cli.main([command, "--help"])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    assert code in (0, None), out.err
+    assert "usage" in out.out.lower()
+
+
+@pytest.mark.parametrize("argv", readme_commands(), ids=lambda a: " ".join(a)[:60])
+def test_readme_command_parses(argv, tmp_path, monkeypatch):
+    """Parses the command and loads its configs (overrides applied); the work itself is a stub."""
+    from varjax import evaluate, main_job
+    from varjax.scaling import sweep
+    from varjax.train import tok_trainer, var_trainer
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def stub(name):
+        def fn(*a, **k):
+            calls.append(name)
+        return fn
+
+    for name in ("cmd_convert", "cmd_sample", "cmd_tokenize", "cmd_reconstruct", "cmd_edit"):
+        monkeypatch.setattr(cli, name, stub(name))
+    monkeypatch.setattr(var_trainer, "train", stub("train"))
+    monkeypatch.setattr(tok_trainer, "train", stub("train-tokenizer"))
+    monkeypatch.setattr(evaluate, "evaluate", stub("eval"))
+    monkeypatch.setattr(sweep, "launch", stub("sweep launch"))
+    monkeypatch.setattr(sweep, "fit", stub("sweep fit"))
+    if argv[0] == "main":  # the main job: configs loaded and overridden, then the tokenizer stage is reached
+        monkeypatch.setattr(main_job, "tokenize_train_split", stub("tokens"))
+        monkeypatch.setattr(var_trainer, "train", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
+        with pytest.raises(RuntimeError, match="stop"):
+            cli.main(argv)
+        assert calls == ["train-tokenizer", "tokens"]
+        return
+    cli.main(argv)
+    assert len(calls) == 1, calls
