@@ -20,6 +20,8 @@ TRAINING_COMMANDS = {
     "eval": "varjax.evaluate",
     "sweep": "varjax.scaling.sweep",
     "main": "varjax.main_job",
+    "sample-many": "varjax.sample_many",
+    "fid": "varjax.fid_eval",
 }
 
 

@@ -25,6 +25,7 @@ class SampleOptions:
     top_k: int = 900
     top_p: float = 0.96
     more_smooth: bool = False  # Gumbel-softmax smoothing of the codes (visualisation only, as in the reference)
+    dtype: str = "float32"  # compute dtype of the transformer blocks (e.g. "bfloat16")
 
 
 def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -83,7 +84,7 @@ def _generate(
     gt_tokens_BL=None,
     keep_hw=None,
 ):
-    vae, var = VQVAE(vae_cfg), VAR(var_cfg)
+    vae, var = VQVAE(vae_cfg), VAR(var_cfg, dtype=jnp.dtype(opts.dtype))
     vp, tp = {"params": vae_params}, {"params": var_params}
     pns = var_cfg.patch_nums
     S, B, Cv = len(pns), label_B.shape[0], var_cfg.Cvae
