@@ -53,3 +53,42 @@ def test_missing_weights_name_the_flag(tmp_path):
     save_state_dict_pth(tmp_path / "bad.pth", {"fc.weight": np.zeros((2, 2), np.float32)})
     with pytest.raises(ValueError, match="not the FID Inception"):
         load_inception(tmp_path / "bad.pth")
+
+
+
+def test_fid_command_from_npz_and_folder_then_from_saved_statistics(weights_pth, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from varjax.cli import main
+
+    g = (np.load(DATA / "inception_golden.npz")["images"] * 255).round().astype(np.uint8)  # (3, 40, 48, 3)
+    smp = np.concatenate([g, g[:, :, ::-1]])  # the reference images first, then mirrored
+    ref = np.concatenate([g[:, ::-1], 255 - g])
+    np.savez(tmp_path / "samples.npz", arr_0=smp, arr_1=np.zeros(len(smp), np.int64))
+    (tmp_path / "ref").mkdir()
+    for i, im in enumerate(ref):
+        Image.fromarray(im).save(tmp_path / "ref" / f"{i:03d}.png")
+    out = tmp_path / "fid.json"
+    main(["fid", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref"),
+          "--inception", str(weights_pth), "--out", str(out), "--batch-size", "8"])
+    res = json.loads(out.read_text())
+    assert {"fid", "sfid", "is", "precision", "recall"} <= set(res) and res["fid"] > 0 and res["sfid"] > 0
+    assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1 and res["is"] >= 1
+    # features of the sharded, padded batch (6 images on 8 devices) equal the reference network's
+    s_stats = np.load(tmp_path / "fid.samples_stats.npz")
+    golden = np.load(DATA / "inception_golden.npz")
+    np.testing.assert_allclose(s_stats["pool3"][:3], golden["pool3"], atol=1e-2)  # inputs rounded to uint8
+    np.testing.assert_allclose(s_stats["mu"], s_stats["pool3"].mean(0), rtol=1e-6)
+    # the saved statistics are inputs themselves; no Inception needed
+    out2 = tmp_path / "again.json"
+    main(["fid", "--samples", str(tmp_path / "fid.samples_stats.npz"), "--ref", str(tmp_path / "fid.ref_stats.npz"),
+          "--out", str(out2)])
+    res2 = json.loads(out2.read_text())
+    for k in ("fid", "sfid", "is", "precision", "recall"):
+        assert res2[k] == pytest.approx(res[k], rel=1e-9), k
+    assert not (tmp_path / "again.samples_stats.npz").exists()
+    # images without weights: the error names the flag
+    with pytest.raises(SystemExit, match="--inception"):
+        main(["fid", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "fid.ref_stats.npz")])
