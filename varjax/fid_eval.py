@@ -225,6 +225,26 @@ def metrics(samples: dict, ref: dict) -> dict:
     return res
 
 
+@functools.lru_cache(maxsize=2)
+def inception_features(path: str) -> InceptionFeatures:
+    """The network of ``--inception`` loaded once per process (sweeps score many models)."""
+    return InceptionFeatures(load_inception(path))
+
+
+def fid_of_images(images01: np.ndarray, inception: str | None, ref: str, batch_size: int = 64) -> dict:
+    """Metrics of generated images (N, H, W, 3) in [0, 1] against ``ref`` (best a statistics .npz)."""
+    from varjax.images import to_uint8
+
+    if not inception or not ref:
+        raise ValueError("FID needs both --inception (the Inception weights) and --fid-ref (reference statistics).")
+    features = inception_features(str(inception))
+    u8 = to_uint8(images01)
+    batches = (u8[i : i + batch_size] for i in range(0, len(u8), batch_size))
+    ref_stats, _ = read_set(ref, features, batch_size)
+    res = metrics(_from_images(features, batches, len(u8), "samples"), ref_stats)
+    return {**res, "fid_ref": str(ref)}
+
+
 def stats_path(out: Path, which: str) -> Path:
     return out.with_name(out.name.removesuffix(".json") + f".{which}_stats.npz")
 
