@@ -18,6 +18,7 @@ setup(
         "ml_dtypes",
         "safetensors>=0.4",
         "pillow>=10",
+        "scipy>=1.10",
         "matplotlib>=3.8",
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9.6",

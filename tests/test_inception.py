@@ -47,6 +47,15 @@ def test_spatial_features_are_mixed_6_conv(outputs):
     np.testing.assert_allclose(out["spatial"], g["spatial"], atol=1e-4, rtol=0)
 
 
+def test_bfloat16_features_stay_close(weights_pth, outputs):
+    import jax.numpy as jnp
+
+    g, out = outputs
+    bf = jax.jit(InceptionV3(dtype=jnp.bfloat16).apply)({"params": load_inception(weights_pth)}, g["images"])
+    rel = np.linalg.norm(np.asarray(bf["pool3"]) - g["pool3"]) / np.linalg.norm(g["pool3"])
+    assert bf["pool3"].dtype == np.float32 and rel < 0.05
+
+
 def test_missing_weights_name_the_flag(tmp_path):
     with pytest.raises(ValueError, match="--inception"):
         load_inception(None)

@@ -131,19 +131,29 @@ def _check_settings(out: Path, settings: dict) -> None:
         f.write_text(json.dumps(settings, indent=2))
 
 
-def write_adm_npz(path: Path, chunk_files: list[Path], n: int, hw3: tuple[int, int, int]) -> None:
-    """ADM-format npz (arr_0 uint8 (N, H, W, 3), arr_1 labels) streamed from the chunks in order."""
+def write_adm_npz(path: Path, chunks: list[list[Path]], n: int, hw3: tuple[int, int, int]) -> None:
+    """ADM-format npz (arr_0 uint8 (N, H, W, 3), arr_1 labels) streamed chunk by chunk, in sample order.
+
+    ``chunks`` lists each chunk's files (one per process); rows are ordered by their sample positions.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    labels = []
+    labels, written = [], 0
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         with z.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(
-                f, {"descr": "|u1", "fortran_order": False, "shape": (n, *hw3)}
-            )
-            for cf in chunk_files:
-                with np.load(cf) as c:
-                    f.write(np.ascontiguousarray(c["images"]).tobytes())
-                    labels.append(c["labels"].astype(np.int64))
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, *hw3)})
+            for files in chunks:
+                parts = []
+                for cf in files:
+                    with np.load(cf) as c:
+                        parts.append((c["positions"], c["images"], c["labels"]))
+                pos = np.concatenate([p for p, _, _ in parts])
+                order = np.argsort(pos, kind="stable")
+                if not np.array_equal(pos[order], np.arange(written, written + len(pos))):
+                    raise ValueError(f"{files[0].parent}: chunk files do not cover samples {written}.. in order; "
+                                     "delete the output directory and sample again.")
+                f.write(np.ascontiguousarray(np.concatenate([im for _, im, _ in parts])[order]).tobytes())
+                labels.append(np.concatenate([lb for _, _, lb in parts])[order].astype(np.int64))
+                written += len(pos)
         with z.open("arr_1.npy", "w") as f:
             np.lib.format.write_array(f, np.concatenate(labels))
     os.replace(tmp, path)
@@ -205,7 +215,7 @@ def sample_many(
     vae_p, var_p = jax.device_put(bundle.vae_params, rep), jax.device_put(bundle.var_params, rep)
     done = _done_chunks(out, n_chunks)
     proc = jax.process_index()
-    prog = Progress(N, start_step=int(done.sum()) * B, every_s=progress_every_s, batch_size=1)
+    prog = Progress(N, start_step=min(int(done.sum()) * B, N), every_s=progress_every_s, batch_size=1)
     generated = 0
     for c in range(n_chunks):
         if done[c]:
@@ -230,8 +240,8 @@ def sample_many(
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("varjax_sample_many_done")
     npz = out / "samples.npz"
-    if proc == 0:
-        files = [_chunk_file(out, c, p) for c in range(n_chunks) for p in range(jax.process_count())]
+    if proc == 0 and (generated or not npz.is_file()):  # samples.npz appears by atomic rename: complete if there
+        files = [[_chunk_file(out, c, p) for p in range(jax.process_count())] for c in range(n_chunks)]
         size = bundle.vae_cfg.image_size
         write_adm_npz(npz, files, N, (size, size, 3))
     return Result(N, generated, npz)
