@@ -2,6 +2,7 @@
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +41,7 @@ def bundle():
     vae = VQVAE(vae_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
     x = jnp.zeros((1, var_cfg.L - 1, 8))
     var = VAR(var_cfg).init(jax.random.PRNGKey(1), jnp.zeros((1,), jnp.int32), x, method=VAR.init_all)["params"]
-    return ModelBundle(vae_cfg, vae, var_cfg, var)
+    return ModelBundle(vae_cfg, nn.unbox(vae), var_cfg, nn.unbox(var))
 
 
 @pytest.fixture(scope="module")
