@@ -56,6 +56,16 @@ def test_bfloat16_features_stay_close(weights_pth, outputs):
     assert bf["pool3"].dtype == np.float32 and rel < 0.05
 
 
+def test_adm_preprocessing_resizes_as_tf1():
+    import tensorflow as tf
+
+    from varjax.models.inception import resize_tf1_bilinear
+
+    x = np.random.default_rng(0).uniform(0, 255, (1, 40, 256, 3)).astype(np.float32)
+    ref = tf.compat.v1.image.resize_bilinear(x, [299, 299], align_corners=False).numpy()
+    np.testing.assert_allclose(np.asarray(resize_tf1_bilinear(x, 299)), ref, atol=1e-4, rtol=0)
+
+
 def test_missing_weights_name_the_flag(tmp_path):
     with pytest.raises(ValueError, match="--inception"):
         load_inception(None)

@@ -33,7 +33,7 @@ from PIL import Image
 
 from varjax.fid import feature_stats, frechet_distance, inception_score, precision_recall
 from varjax.images import IMAGE_EXTS
-from varjax.models.inception import InceptionV3, load_inception
+from varjax.models.inception import PREPROCESS, InceptionV3, load_inception
 
 FEATURES = ("pool3", "spatial", "logits_unbiased")
 STATS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -46,11 +46,11 @@ STATS = ("mu", "sigma", "mu_s", "sigma_s")
 class InceptionFeatures:
     """``features(batches of uint8 (B, H, W, 3)) -> {pool3, spatial, logits_unbiased}`` as float32 numpy."""
 
-    def __init__(self, params, dtype=jnp.float32, devices=None):
+    def __init__(self, params, dtype=jnp.float32, devices=None, preprocess: str = "torch"):
         self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
         self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
         self._batch = NamedSharding(self.mesh, PartitionSpec("data"))
-        model = InceptionV3(dtype=dtype)
+        model = InceptionV3(dtype=dtype, preprocess=preprocess)
 
         @jax.jit
         def apply(params, images_u8):
@@ -250,10 +250,10 @@ def stats_path(out: Path, which: str) -> Path:
 
 
 def evaluate_fid(samples: str, ref: str, inception: str | None, out: Path, batch_size: int = 64,
-                 dtype=jnp.float32, image_size: int = 256) -> dict:
+                 dtype=jnp.float32, image_size: int = 256, preprocess: str = "torch") -> dict:
     features = None
     if inception:
-        features = InceptionFeatures(load_inception(inception), dtype=dtype)
+        features = InceptionFeatures(load_inception(inception), dtype=dtype, preprocess=preprocess)
     sets = {}
     for which, spec in (("samples", samples), ("ref", ref)):
         stats, computed = read_set(spec, features, batch_size, image_size)
@@ -262,7 +262,7 @@ def evaluate_fid(samples: str, ref: str, inception: str | None, out: Path, batch
             print(f"[fid] {spec}: statistics saved to {stats_path(out, which)}")
         sets[which] = stats
     res = metrics(sets["samples"], sets["ref"])
-    res.update(samples=samples, ref=ref)
+    res.update(samples=samples, ref=ref, preprocess=preprocess)
     res["num_samples"] = int(len(sets["samples"]["pool3"])) if "pool3" in sets["samples"] else None
     return res
 
@@ -281,6 +281,8 @@ def run_cli(argv: list[str]) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception call, over all devices")
     p.add_argument("--dtype", choices=sorted(_dtypes()), default="float32", help="Inception compute dtype")
     p.add_argument("--image-size", type=int, default=256, help="centre-crop size for tfds: inputs")
+    p.add_argument("--preprocess", choices=PREPROCESS, default="torch",
+                   help="resize and scaling before the network: torch (pytorch-fid) or adm (ADM's TF graph)")
     a = p.parse_args(argv[1:])
     if a.out:
         out = Path(a.out)
@@ -289,7 +291,8 @@ def run_cli(argv: list[str]) -> None:
     else:
         s = Path(a.samples)
         out = s.with_name(s.name.removesuffix(".npz") + "_fid.json")
-    res = evaluate_fid(a.samples, a.ref, a.inception, out, a.batch_size, _dtypes()[a.dtype], a.image_size)
+    res = evaluate_fid(a.samples, a.ref, a.inception, out, a.batch_size, _dtypes()[a.dtype], a.image_size,
+                       a.preprocess)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

@@ -4,8 +4,10 @@ It differs from torchvision's Inception-v3 where the TF graph does: average pool
 blocks ignore the padding (``count_include_pad=False``), the last E block max-pools its pool branch, and the
 classifier has 1008 outputs. Batch norm uses eps 1e-3 with the stored running statistics.
 
-Input: images (B, H, W, 3) in [0, 1]; they are resized bilinearly to 299 (``align_corners=False``, as
-``F.interpolate``) and scaled to [-1, 1]. Outputs (all float32):
+Input: images (B, H, W, 3) in [0, 1]. ``preprocess="torch"`` (default, pytorch-fid) resizes them bilinearly to
+299 as ``F.interpolate(align_corners=False)`` (half-pixel centres) and scales to [-1, 1] (2x - 1);
+``preprocess="adm"`` does what the TF graph behind the ADM evaluator does with 0..255 inputs: TF1's legacy
+``ResizeBilinear`` (source = dest * in / out, no half-pixel offset) and (x - 128) / 128. Outputs (all float32):
 
 - ``pool3`` (B, 2048): the final average pool (FID, precision / recall);
 - ``logits`` (B, 1008): ``fc(pool3)``; ``logits_unbiased``: the same without the bias, the TF graph's
@@ -170,15 +172,46 @@ class InceptionE(nn.Module):
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
+@functools.lru_cache(maxsize=16)
+def tf1_bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of TF1's ``ResizeBilinear`` (align_corners=False, half_pixel_centers=False)."""
+    # float32 coordinates, as the TF kernel computes them
+    src = (np.arange(n_out, dtype=np.float32) * np.float32(n_in / n_out)).astype(np.float64)
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    t = src - lo
+    w = np.zeros((n_out, n_in), dtype=np.float64)
+    np.add.at(w, (np.arange(n_out), lo), 1 - t)
+    np.add.at(w, (np.arange(n_out), hi), t)
+    return w
+
+
+def resize_tf1_bilinear(x_BHWC: jax.Array, size: int) -> jax.Array:
+    _, h, w, _ = x_BHWC.shape
+    hi = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("oh,bhwc->bowc", jnp.asarray(tf1_bilinear_matrix(h, size), x_BHWC.dtype), x_BHWC, precision=hi)
+    return jnp.einsum("pw,bowc->bopc", jnp.asarray(tf1_bilinear_matrix(w, size), x_BHWC.dtype), x, precision=hi)
+
+
+PREPROCESS = ("torch", "adm")
+
+
 class InceptionV3(nn.Module):
     """FID Inception-v3: images (B, H, W, 3) in [0, 1] -> dict of pool3, logits, logits_unbiased, spatial."""
 
     dtype: Any = jnp.float32  # compute dtype of the convolutions; outputs are float32
+    preprocess: str = "torch"  # "torch" (pytorch-fid) or "adm" (the ADM evaluator's TF graph)
 
     @nn.compact
     def __call__(self, images_BHW3):
         C = functools.partial(BasicConv, dtype=self.dtype)
-        x = resize_bilinear(images_BHW3.astype(jnp.float32), INPUT_SIZE) * 2 - 1
+        x = images_BHW3.astype(jnp.float32)
+        if self.preprocess == "torch":
+            x = resize_bilinear(x, INPUT_SIZE) * 2 - 1
+        elif self.preprocess == "adm":
+            x = (resize_tf1_bilinear(x * 255, INPUT_SIZE) - 128) / 128
+        else:
+            raise ValueError(f"--preprocess {self.preprocess!r}: expected one of {PREPROCESS}.")
         x = C(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)
         x = C(32, (3, 3), name="Conv2d_2a_3x3")(x)
         x = C(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
