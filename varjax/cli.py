@@ -20,6 +20,8 @@ TRAINING_COMMANDS = {
     "sweep": "varjax.scaling.sweep",
     "main": "varjax.main_job",
     "compile": "varjax.aot",
+    "sample-many": "varjax.sample_many",
+    "fid": "varjax.fid_eval",
 }
 
 

@@ -77,8 +77,14 @@ def evaluate(
     opts: SampleOptions | None = None,
     seed: int = 0,
     grid: str | None = None,
+    inception: str | None = None,
+    fid_ref: str | None = None,
 ) -> dict:
-    """All numbers of ``varjax eval`` as a dict (and an optional PNG grid, one row per class)."""
+    """All numbers of ``varjax eval`` as a dict (and an optional PNG grid, one row per class).
+
+    With ``inception`` (pytorch-fid's Inception weights) and ``fid_ref`` (a statistics .npz, see
+    ``varjax fid``) it adds FID, sFID, IS, precision and recall of the same samples.
+    """
     from varjax.images import save_grid
 
     t0 = time.time()
@@ -94,11 +100,26 @@ def evaluate(
         res["per_class_consistency"] = [float((pred[labels == c] == c).mean()) for c in range(classes)]
         res["num_samples"] = int(len(labels))
         res["sampling"] = {"cfg": opts.cfg, "top_k": opts.top_k, "top_p": opts.top_p, "seed": seed}
+        if inception or fid_ref:
+            from varjax.fid_eval import fid_of_images
+
+            res.update(fid_of_images(imgs, inception, fid_ref))
         if grid:
             save_grid(grid, imgs, nrow=per_class)
             res["grid"] = str(grid)
     res["seconds"] = time.time() - t0
     return res
+
+
+def model_fid(ckpt, inception: str, fid_ref: str, per_class: int = 16, opts: SampleOptions | None = None,
+              seed: int = 0) -> dict:
+    """FID (and sFID, IS, precision, recall) of ``per_class`` samples of every class of a model."""
+    from varjax.fid_eval import fid_of_images
+
+    b = load_model_dir(ckpt, need_var=True)
+    opts = opts or SampleOptions(cfg=1.5, top_k=0, top_p=0.0)
+    imgs, _ = sample_per_class(b, per_class, opts, seed, b.var_cfg.num_classes)
+    return fid_of_images(imgs, inception, fid_ref)
 
 
 def run_cli(argv: list[str]) -> None:
@@ -114,6 +135,8 @@ def run_cli(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help="optional PNG grid of the samples (one row per class)")
     p.add_argument("--out", default=None, help="JSON file (default: CKPT/eval.json)")
+    p.add_argument("--inception", default=None, help="Inception weights (pt_inception-2015-12-05-*.pth) for FID")
+    p.add_argument("--fid-ref", default=None, help="reference statistics .npz for FID (see `varjax fid`)")
     a = p.parse_args(argv[1:])
     res = evaluate(
         a.ckpt,
@@ -122,6 +145,8 @@ def run_cli(argv: list[str]) -> None:
         opts=SampleOptions(a.cfg, a.top_k, a.top_p),
         seed=a.seed,
         grid=a.grid,
+        inception=a.inception,
+        fid_ref=a.fid_ref,
     )
     out = a.out or paths.resolve(a.ckpt) / "eval.json"
     paths.write_text(out, json.dumps(res, indent=2))

@@ -408,9 +408,13 @@ def format_law(fit: dict, x_key: str, y_key: str) -> str:
     )
 
 
-def fit(root: str, out: str | None = None, evaluate: bool = True) -> dict:
-    """Fits the finished members under ``root``; returns ``{'records', 'report', 'paths'}``."""
-    from varjax.scaling.fit import scaling_report, write_fit_outputs
+def fit(root: str, out: str | None = None, evaluate: bool = True, inception: str | None = None,
+        fid_ref: str | None = None, fid_per_class: int = 16) -> dict:
+    """Fits the finished members under ``root``; returns ``{'records', 'report', 'paths'}``.
+
+    With ``inception`` and ``fid_ref`` every member's samples are also scored (``fid``), and fitted.
+    """
+    from varjax.scaling.fit import Y_KEYS, scaling_report, write_fit_outputs
     from varjax.scaling.plot import plot_fits
 
     rootp = paths.resolve(root)
@@ -426,7 +430,12 @@ def fit(root: str, out: str | None = None, evaluate: bool = True) -> dict:
     if len(records) < 2:
         raise SystemExit(f"error: {len(records)} finished member(s) under {root}; a fit needs at least 2.")
     records.sort(key=lambda r: r["N"])
-    report = scaling_report(records)
+    if inception or fid_ref:
+        from varjax.evaluate import model_fid
+
+        for r in records:
+            r["fid"] = model_fid(rootp / r["name"], inception, fid_ref, per_class=fid_per_class)["fid"]
+    report = scaling_report(records, Y_KEYS + (("fid",) if inception or fid_ref else ()))
     written = write_fit_outputs(report, records, out)
     pngs = plot_fits(records, report, out)
     print(f"[sweep] {len(records)} runs (C in PFLOPs):")
@@ -448,7 +457,7 @@ def fit(root: str, out: str | None = None, evaluate: bool = True) -> dict:
 
 USAGE = """usage:
   varjax sweep launch --config SWEEP.py[:args] --root DIR [--print-commands] [--only a,b] [--config.field=value ...]
-  varjax sweep fit --root DIR [--out DIR/fit]"""
+  varjax sweep fit --root DIR [--out DIR/fit] [--inception W.pth --fid-ref STATS.npz]"""
 
 
 def run_cli(argv: list[str]) -> None:
@@ -467,8 +476,12 @@ def run_cli(argv: list[str]) -> None:
         p.add_argument("--root", required=True)
         p.add_argument("--out", default=None, help="output folder (default ROOT/fit)")
         p.add_argument("--no-eval", action="store_true", help="leave out members without a logged final eval")
+        p.add_argument("--inception", default=None, help="Inception weights: also fit each member's FID")
+        p.add_argument("--fid-ref", default=None, help="reference statistics .npz for FID (see `varjax fid`)")
+        p.add_argument("--fid-per-class", type=int, default=16, help="samples per class for FID")
         a = p.parse_args(rest)
-        fit(a.root, a.out, evaluate=not a.no_eval)
+        fit(a.root, a.out, evaluate=not a.no_eval, inception=a.inception, fid_ref=a.fid_ref,
+            fid_per_class=a.fid_per_class)
     else:
         print(USAGE, file=sys.stderr)
         raise SystemExit(f"error: unknown sweep command {sub!r}; expected 'launch' or 'fit'.")
