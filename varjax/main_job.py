@@ -102,9 +102,14 @@ def run(workdir: str, tok_overrides: list[str], var_overrides: list[str], per_cl
 
 def run_cli(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog=argv[0], description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="var", choices=("var", "ecar"), help="var (default) or ecar (E-CAR)")
     p.add_argument("--workdir", default="runs/main")
     p.add_argument("--per-class", type=int, default=16, help="samples per class in the grid and the evaluation")
     a, rest = p.parse_known_args(argv[1:])
+    if a.model == "ecar":
+        from varjax import ecar_main
+
+        return ecar_main.run_cli(argv)
     bad = [r for r in rest if not (r.startswith("--tok.") or r.startswith("--var."))]
     if bad:
         raise SystemExit(f"error: unknown arguments {bad}; use --tok.field=value or --var.field=value")
