@@ -4,8 +4,8 @@
         --config.tokenizer_dir=runs/ecar_tok
 
 Stages 1-2-4-8 on the continuous tokenizer's 8x8x4 latents (`configs/ecar_tokenizer_shapes.py`); a depth-3,
-width-96 transformer and a 3-block, width-96 flow head. `configs/ecar_shapes.py:runlocal` is a few-step
-smoke test.
+width-96 transformer and a 3-block, width-64 flow head (0.61M parameters in all; VAR's main job has 0.56M).
+`configs/ecar_shapes.py:runlocal` is a few-step smoke test.
 """
 
 from varjax.train.config_utils import parse_arg
@@ -18,7 +18,7 @@ def get_config(arg=None):
     c.model.embed_dim = 96
     c.model.num_heads = 3
     c.model.drop_path_rate = 0.0
-    c.model.head_width = 96
+    c.model.head_width = 64
     c.model.head_depth = 3
     c.model.time_dim = 64
     c.model.dtype = "float32"
