@@ -297,3 +297,19 @@ def test_mesh_222_step_equals_one_device(kl_tokenizer, data_dir, tmp_path, tiny_
         out[name] = (jax.device_get(state["params"]), float(m["loss"]))
     assert out["one"][1] == pytest.approx(out["222"][1], rel=1e-5)
     chex.assert_trees_all_close(out["one"][0], out["222"][0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [16, 20, 24, 30])
+def test_imagenet_configs_build_var_sized_models(depth):
+    from varjax.train.ecar_trainer import ecar_config_from
+    from varjax.train.kl_trainer import ae_config_from
+
+    ae_cfg = ae_config_from(load_config("ecar_tokenizer_imagenet"))
+    assert (ae_cfg.image_size, ae_cfg.latent_size, ae_cfg.z_channels) == (256, 16, 16)
+    c = load_config(f"ecar_d{depth}")
+    assert c.model_family == "ecar" and c.data.name == "imagenet2012" and c.total_epochs > 0
+    mcfg = ecar_config_from(c, ae_cfg, 1000)
+    assert mcfg.patch_nums == (1, 2, 4, 8, 16) and mcfg.windows[-1][1] == 1.0
+    assert (mcfg.embed_dim, mcfg.num_heads, mcfg.head_width) == (64 * depth, depth, 64 * depth)
+    local = load_config(f"ecar_d{depth}", "runlocal")
+    assert local.total_steps == 2 and local.batch_size == 8

@@ -228,3 +228,32 @@ def run_cli(argv: list[str]) -> None:
     from varjax.train.cli_flags import run_with_config
 
     run_with_config(argv, train, "E-CAR")
+
+
+def imagenet_ecar_run(depth: int, *, batch_size: int, epochs: float, tblr: float, head_depth: int,
+                      tokenizer_dir: str, runlocal: bool = False) -> ml_collections.ConfigDict:
+    """An E-CAR run on ImageNet 256px at a VAR-comparable size: VAR-d``depth``'s transformer (width 64*depth,
+    depth heads, drop path 0.1*depth/24), a flow head as wide as the transformer, stages 1-2-4-8-16 on a
+    16x16 continuous latent (``configs/ecar_tokenizer_imagenet.py``), VAR's optimizer recipe.
+
+    ``runlocal`` keeps the model but trains 2 steps of batch 8 on the embedded shapes data (it still needs a
+    256px continuous tokenizer directory).
+    """
+    c = ecar_run(depth)
+    c.tokenizer_dir = tokenizer_dir
+    c.batch_size = batch_size
+    c.total_epochs = float(epochs)
+    c.tblr = tblr
+    c.model.head_depth = head_depth
+    c.model.patch_nums = (1, 2, 4, 8, 16)
+    c.opt.wpe = 0.1
+    if runlocal:
+        c.data.name = "varjax_shapes/tiny"
+        c.data.eval_split = "test"
+        c.total_epochs = None
+        c.total_steps = 2
+        c.batch_size = 8
+        c.log_every = 1
+        c.ckpt_every = 2
+        c.stats_examples = 64
+    return c
