@@ -268,6 +268,13 @@ def test_sigkill_then_resume_gives_identical_losses(kl_tokenizer, data_dir, tmp_
         assert got[s] == pytest.approx(reference_losses[s], abs=1e-6), s
     meta_json = json.loads((wd / "varjax_model.json").read_text())
     assert meta_json["family"] == "ecar" and meta_json["ecar"]["config"]["latent_scale"] > 0
+    # the workdir is a model directory: `varjax sample` recognises the family
+    from varjax import cli
+
+    cli.main(["sample", "--ckpt", str(wd), "--labels", "0,5", "--cfg", "2", "--flow-steps", "2",
+              "--out", str(tmp_path / "s.png"), "--save-npz", str(tmp_path / "s.npz")])
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["images"].shape == (2, 32, 32, 3) and z["latents"].shape == (2, 8, 8, 4)
 
 
 def test_mesh_222_step_equals_one_device(kl_tokenizer, data_dir, tmp_path, tiny_model):

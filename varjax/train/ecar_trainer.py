@@ -149,8 +149,8 @@ def build_task(setup: loop.Setup, ae_cfg: KLAEConfig, ae_params, model_cfg: ECAR
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         hp = optim.current_hparams(opt_state)
-        m = {"loss": loss, "lr": hp["lr"], "wd": hp["wd"], "grad_norm": optax.global_norm(grads),
-             "param_norm": optax.global_norm(params), "update_norm": optax.global_norm(updates)}
+        m = {"loss": loss, "lr": hp["lr"], "wd": hp["wd"], "grad_norm": optax.tree.norm(grads),
+             "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates)}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, m
 
     return loop.Task(init_fn=init_fn, step_fn=step_fn)
