@@ -42,6 +42,9 @@ class ModelBundle:
     vae_params: dict
     var_cfg: VARConfig | None = None
     var_params: dict | None = None
+    family: str = "var"  # "var" (VQ tokenizer + VAR), "kl" (continuous tokenizer only) or "ecar"
+    ecar_cfg: object | None = None
+    ecar_params: dict | None = None
 
 
 def save_model_dir(
@@ -155,6 +158,8 @@ def load_model_dir(path, need_var: bool = False) -> ModelBundle:
     meta = read_model_json(base)
     if meta.get("vae") is None:
         raise ValueError(f"{base / MODEL_JSON}: has no tokenizer ('vae') entry.")
+    if meta["vae"].get("family") == "kl" or meta.get("family") == "ecar":
+        return _load_continuous(base, meta)
     vae_cfg = VQVAEConfig.from_dict(meta["vae"]["config"])
     vae_params = load_params(base, "vae")
     var_cfg = var_params = None
@@ -167,3 +172,17 @@ def load_model_dir(path, need_var: bool = False) -> ModelBundle:
             "point --ckpt at a `varjax train` workdir)."
         )
     return ModelBundle(vae_cfg, vae_params, var_cfg, var_params)
+
+
+def _load_continuous(base: Path, meta: dict) -> ModelBundle:
+    """A continuous (KL) tokenizer directory, or an E-CAR one (tokenizer + ``ecar`` entry)."""
+    from varjax.models.ecar import ECARConfig
+    from varjax.models.kl_ae import KLAEConfig
+
+    bundle = ModelBundle(KLAEConfig.from_dict(meta["vae"]["config"]), _load_entry(base, meta["vae"], "vae"),
+                         family="kl")
+    if meta.get("ecar") is not None:
+        bundle.family = "ecar"
+        bundle.ecar_cfg = ECARConfig.from_dict(meta["ecar"]["config"])
+        bundle.ecar_params = _load_entry(base, meta["ecar"], "ecar")
+    return bundle

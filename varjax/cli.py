@@ -91,9 +91,14 @@ def cmd_sample(a) -> None:
     import jax
     import jax.numpy as jnp
 
+    from varjax.ckpt import read_model_json
     from varjax.images import save_grid
     from varjax.sample import SampleOptions, make_sampler
 
+    if read_model_json(a.ckpt).get("family") == "ecar":  # continuous tokens: the E-CAR sampler
+        from varjax.ecar_main import cmd_sample as sample_ecar
+
+        return sample_ecar(a)
     b = _load_bundle(a.ckpt, need_var=True)
     labels = np.asarray(a.labels, np.int32)
     bad = [int(x) for x in labels if not 0 <= x < b.var_cfg.num_classes]
@@ -213,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=None)
     s.add_argument("--out", required=True, help="PNG grid")
     s.add_argument("--save-npz", default=None, help="also write images (B,H,W,3) in [0,1] and tokens (B,L)")
+    s.add_argument("--flow-steps", type=int, default=0, help="E-CAR: flow steps per stage (0: the model's default)")
+    s.add_argument("--solver", default="", help="E-CAR: euler or heun (default: the model's)")
     s.set_defaults(fn=cmd_sample)
 
     for name, fn, hlp in (

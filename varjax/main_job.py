@@ -88,11 +88,16 @@ def run_cli(argv: list[str]) -> None:
     from varjax.user_errors import at_least
 
     p = argparse.ArgumentParser(prog=argv[0], description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="var", choices=("var", "ecar"), help="var (default) or ecar (E-CAR)")
     p.add_argument("--workdir", default="runs/main")
     p.add_argument(
         "--per-class", type=at_least(1, int), default=16, help="samples per class in the grid and the evaluation"
     )
     a, rest = p.parse_known_args(argv[1:])
+    if a.model == "ecar":
+        from varjax import ecar_main
+
+        return ecar_main.run_cli(argv)
     bad = [r for r in rest if not (r.startswith("--tok.") or r.startswith("--var."))]
     if bad:
         raise ValueError(f"unknown arguments {bad}; use --tok.field=value or --var.field=value")

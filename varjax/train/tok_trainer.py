@@ -379,6 +379,10 @@ def model_json(vae_cfg: VQVAEConfig, export_key: str) -> dict:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Builds everything from the config and trains; returns the last logged metrics."""
+    if cfg.get("model_type", "vq") == "kl":  # the continuous (KL) tokenizer of E-CAR
+        from varjax.train import kl_trainer
+
+        return kl_trainer.train(cfg, workdir)
     init_params = None
     if cfg.get("require_init_from") and not cfg.init_from:
         raise ValueError(

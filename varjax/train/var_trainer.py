@@ -333,6 +333,10 @@ def model_json(cfg, vae_cfg: VQVAEConfig, model_cfg: VARConfig) -> dict:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """Builds everything from the config and trains; returns the last logged metrics."""
+    if cfg.get("model_family", "var") == "ecar":  # continuous tokens, multistage flow
+        from varjax.train import ecar_trainer
+
+        return ecar_trainer.train(cfg, workdir)
     meta = read_model_json(cfg.tokenizer_dir)
     if meta.get("vae") is None:
         load_model_dir(cfg.tokenizer_dir)  # raises the explanatory error

@@ -1,0 +1,322 @@
+"""E-CAR: multistage flow math, training signal, sampler program and FLOPs, trainer resume and sharding."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.core import meta
+
+from varjax.ecar_sample import FlowSampleOptions, generate_latent, make_sampler, sampling_flops
+from varjax.models import multistage_flow as msf
+from varjax.models.ecar import ECAR, ECARConfig
+from varjax.models.kl_ae import KLAE, KLAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PNS = (1, 2, 4, 8)
+
+
+def tiny_cfg(**kw):
+    base = dict(depth=2, embed_dim=64, num_heads=2, num_classes=6, Cvae=4, patch_nums=PNS, head_width=64,
+                head_depth=2, time_dim=64)
+    return ECARConfig(**{**base, **kw})
+
+
+def init_params(cfg, B=2):
+    ex = msf.training_example(jnp.zeros((B, PNS[-1], PNS[-1], cfg.Cvae)), cfg.patch_nums, cfg.windows,
+                              jax.random.PRNGKey(0))
+    p = ECAR(cfg).init(jax.random.PRNGKey(0), jnp.zeros((B,), jnp.int32), ex["x_in"], ex["x_t"], ex["t"])
+    return meta.unbox(p["params"])
+
+
+# ---------------------------------------------------------------- multistage flow
+
+
+def test_windows_follow_the_renoising_rule():
+    wins = msf.windows(PNS)
+    assert [w[0] for w in wins] == [0.0, 0.25, 0.5, 0.75] and wins[-1][1] == 1.0
+    for (_, b), (a_next, _) in zip(wins, wins[1:], strict=False):
+        assert b == pytest.approx(2 * a_next / (1 + a_next))  # pyramidal flow's rule for a 2x jump
+        assert b > a_next  # re-noising goes back in time
+    with pytest.raises(ValueError, match="integer multiple"):
+        msf.windows((1, 2, 3))
+
+
+def test_renoising_gives_the_intended_noise_level():
+    """Stage end -> next start on Gaussian data: mean a U(D(x1)), noise N(0, (1 - a)^2 I), no correlation."""
+    wins = msf.windows(PNS)
+    s, f = 2, 2  # 4x4 -> 8x8
+    a_next = wins[s + 1][0]
+    N, C = 4096, 2
+    x1 = jax.random.normal(jax.random.PRNGKey(1), (N, 8, 8, C))
+    d = msf.pyramid(x1, PNS)
+    b = wins[s][1]
+    end = b * d[s] + (1 - b) * jax.random.normal(jax.random.PRNGKey(2), d[s].shape)
+    start = msf.renoise(end, a_next, f, jax.random.PRNGKey(3))
+    resid = np.asarray(start - a_next * msf.upsample(d[s], f))
+    sd = 1 - a_next
+    assert abs(resid.mean()) < 0.01
+    assert resid.var() == pytest.approx(sd**2, rel=0.03)
+    # inside a 2x2 block the upsampled noise is shared; the corrective noise must cancel that correlation
+    corr = np.corrcoef(resid[:, 0::2, 0::2].ravel(), resid[:, 0::2, 1::2].ravel())[0, 1]
+    assert abs(corr) < 0.03, corr
+    # without the corrective noise the correlation is 1: the test can tell
+    naive = np.asarray(msf.upsample(end, f) - b * msf.upsample(d[s], f))
+    assert np.corrcoef(naive[:, 0::2, 0::2].ravel(), naive[:, 0::2, 1::2].ravel())[0, 1] > 0.99
+
+
+def test_teacher_chain_marginals_and_clean_end():
+    wins = msf.windows(PNS)
+    x1 = jax.random.normal(jax.random.PRNGKey(0), (2048, 8, 8, 1))
+    starts, ends = msf.teacher_chain(x1, PNS, wins, jax.random.PRNGKey(5))
+    d = msf.pyramid(x1, PNS)
+    np.testing.assert_allclose(np.asarray(ends[-1]), np.asarray(x1), atol=1e-5)  # only the last stage is clean
+    for s in range(1, len(PNS)):
+        a = wins[s][0]
+        n = np.asarray(starts[s] - a * msf.upsample(d[s - 1], 2)) / (1 - a)
+        assert n.std() == pytest.approx(1.0, rel=0.03), s  # the start the stage is trained on is N(0, I) noise
+
+
+# ---------------------------------------------------------------- training signal
+
+
+def test_flow_loss_falls_on_a_fixed_batch():
+    cfg = tiny_cfg(cond_drop_rate=0.0)
+    B = 8
+    x1 = jax.random.normal(jax.random.PRNGKey(3), (B, 8, 8, cfg.Cvae))
+    ex = msf.training_example(x1, PNS, cfg.windows, jax.random.PRNGKey(4))
+    lab = jnp.arange(B) % 6
+    params = init_params(cfg)
+    tx = optax.adam(2e-3)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt):
+        def loss_fn(p):
+            v = ECAR(cfg).apply({"params": p}, lab, ex["x_in"], ex["x_t"], ex["t"])
+            return msf.flow_loss(v, ex["v"], ex["stage"], PNS, all_stages=True)
+
+        loss, g = jax.value_and_grad(loss_fn)(params)
+        u, opt = tx.update(g, opt)
+        return optax.apply_updates(params, u), opt, loss
+
+    losses = []
+    for _ in range(60):
+        params, opt, loss = step(params, opt)
+        losses.append(float(loss))
+    assert np.all(np.isfinite(losses))
+    assert min(losses[-5:]) < 0.5 * losses[0], (losses[0], losses[-5:])
+
+
+def test_flow_loss_weights_the_drawn_stage():
+    v = jnp.zeros((2, sum(r * r for r in PNS), 1))
+    target = jnp.concatenate([jnp.full((2, r * r, 1), float(s + 1)) for s, r in enumerate(PNS)], axis=1)
+    got = msf.flow_loss(v, target, jnp.asarray([0, 3]), PNS)
+    assert float(got) == pytest.approx((1.0 + 16.0) / 2)  # per-example mean squared error of its stage
+    assert float(msf.flow_loss(v, target, jnp.asarray([0, 3]), PNS, all_stages=True)) == pytest.approx(30 / 4)
+
+
+# ---------------------------------------------------------------- sampler
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = tiny_cfg()
+    ae_cfg = KLAEConfig(z_channels=4, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False, using_mid_sa=False,
+                        num_groups=8, image_size=32)
+    ae_params = meta.unbox(KLAE(ae_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                             method=KLAE.init_all)["params"])
+    return ae_cfg, ae_params, cfg, init_params(cfg)
+
+
+def test_sampler_is_one_compiled_program(tiny_model):
+    ae_cfg, ae_params, cfg, params = tiny_model
+    opts = FlowSampleOptions(cfg=2.0, steps=3)
+    fn = make_sampler(ae_cfg, cfg, opts)
+    lab = jnp.arange(4, dtype=jnp.int32)
+    lowered = fn.lower(ae_params, params, lab, jax.random.PRNGKey(0))
+    text = lowered.as_text()
+    assert text.count("func.func public @main") == 1  # one module, one entry point
+    assert "callback" not in text  # nothing runs on the host between stages or steps
+    img1, lat1 = fn(ae_params, params, lab, jax.random.PRNGKey(0))
+    img2, _ = fn(ae_params, params, lab, jax.random.PRNGKey(1))
+    assert fn._cache_size() == 1  # a new seed reuses the program
+    assert img1.shape == (4, 32, 32, 3) and lat1.shape == (4, 8, 8, 4)
+    assert np.all(np.isfinite(np.asarray(img1))) and not np.allclose(img1, img2)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_flops_formula_matches_xla(tiny_model, guidance):
+    _, _, cfg, params = tiny_model
+    opts = FlowSampleOptions(cfg=guidance, steps=4)
+    B = 4
+    f = jax.jit(lambda p, lab, r: generate_latent(cfg, opts, p, lab, r))
+    cost = f.lower(params, jnp.zeros((B,), jnp.int32), jax.random.PRNGKey(0)).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    formula = sampling_flops(cfg, opts, B)
+    # XLA also counts the element-wise work (norms, AdaLN, softmax, noise) the matmul formula leaves out
+    assert formula["total"] <= cost["flops"] <= 1.05 * formula["total"], (cost["flops"], formula)
+    # the stage schedule: one full-resolution stage with the same evaluations costs S * 64 / 85 times more head
+    single = sampling_flops(tiny_cfg(patch_nums=(8,)), FlowSampleOptions(guidance, steps=4 * len(PNS)), B)
+    assert single["flow_head"] / formula["flow_head"] == pytest.approx(len(PNS) * 64 / 85, rel=1e-6)
+
+
+# ---------------------------------------------------------------- trainer
+
+
+def load_config(name, arg=None):
+    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def kl_tokenizer(tmp_path_factory, tiny_model):
+    from varjax.ckpt import write_model_json
+    from varjax.train.checkpointing import save_params_dir
+    from varjax.train.kl_trainer import model_json
+
+    ae_cfg, ae_params, _, _ = tiny_model
+    d = tmp_path_factory.mktemp("kltok")
+    save_params_dir(str(d / "vae"), ae_params, overwrite=True)
+    meta_json = model_json(ae_cfg, "params")
+    meta_json["vae"]["params"] = {"dir": "vae"}
+    write_model_json(d, meta_json)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tfds"))
+    os.environ["TFDS_DATA_DIR"] = d
+    return d
+
+
+N_STEPS, CKPT_EVERY = 8, 2
+CONST = ["--config.opt.wpe=1.0", "--config.opt.warmup_fraction=0.0"]
+
+
+def ecar_cfg(tok, data_dir, **over):
+    c = load_config("ecar_shapes", "runlocal")
+    c.tokenizer_dir = tok
+    c.data.data_dir = data_dir
+    c.async_ckpt = False
+    c.progress_every_s = 1e9
+    c.opt.wpe = 1.0
+    c.opt.warmup_fraction = 0.0
+    for k, v in over.items():
+        c[k] = v
+    return c
+
+
+def read_losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def reference_losses(kl_tokenizer, data_dir, tmp_path_factory):
+    from varjax.train.var_trainer import train  # `varjax train` dispatches on config.model_family
+
+    wd = str(tmp_path_factory.mktemp("ref"))
+    train(ecar_cfg(kl_tokenizer, data_dir, total_steps=N_STEPS, ckpt_every=CKPT_EVERY), wd)
+    return read_losses(wd)
+
+
+def _cli(tok, wd, *extra):
+    return [sys.executable, "-m", "varjax", "train", "--config", str(ROOT / "configs" / "ecar_shapes.py") + ":runlocal",
+            "--workdir", str(wd), f"--config.tokenizer_dir={tok}", "--config.log_every=1", "--config.async_ckpt=False",
+            "--config.progress_every_s=1000000.0", f"--config.ckpt_every={CKPT_EVERY}", *CONST, *extra]
+
+
+def test_sigkill_then_resume_gives_identical_losses(kl_tokenizer, data_dir, tmp_path, reference_losses):
+    from varjax.train.checkpointing import Checkpointer
+
+    wd = tmp_path / "killed"
+    env = {**os.environ, "TFDS_DATA_DIR": data_dir}
+    proc = subprocess.Popen(_cli(kl_tokenizer, wd, "--config.total_steps=100000"), env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    try:
+        while not (wd / "checkpoints" / str(CKPT_EVERY) / "state").is_dir():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() - t0 < 300, "timed out waiting for the first checkpoint"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    latest = Checkpointer(str(wd)).latest_step()
+    assert latest is not None and CKPT_EVERY <= latest < N_STEPS, latest
+    res = subprocess.run(_cli(kl_tokenizer, wd, f"--config.total_steps={N_STEPS}"), env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"resumed from step {latest}" in res.stdout
+    got = read_losses(str(wd))
+    assert sorted(got) == sorted(reference_losses) == list(range(1, N_STEPS + 1))
+    for s in got:
+        assert got[s] == pytest.approx(reference_losses[s], abs=1e-6), s
+    meta_json = json.loads((wd / "varjax_model.json").read_text())
+    assert meta_json["family"] == "ecar" and meta_json["ecar"]["config"]["latent_scale"] > 0
+    # the workdir is a model directory: `varjax sample` recognises the family
+    from varjax import cli
+
+    cli.main(["sample", "--ckpt", str(wd), "--labels", "0,5", "--cfg", "2", "--flow-steps", "2",
+              "--out", str(tmp_path / "s.png"), "--save-npz", str(tmp_path / "s.npz")])
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["images"].shape == (2, 32, 32, 3) and z["latents"].shape == (2, 8, 8, 4)
+
+
+def test_mesh_222_step_equals_one_device(kl_tokenizer, data_dir, tmp_path, tiny_model):
+    from varjax.ckpt import load_model_dir
+    from varjax.train import ecar_trainer, loop, sharding
+
+    tok = load_model_dir(kl_tokenizer)
+    rng = np.random.default_rng(0)
+    local = {"latent": rng.normal(size=(8, 8, 8, 4)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 6}
+    out = {}
+    for name, mesh in (("one", [("data", 1), ("fsdp", 1), ("tensor", 1)]),
+                       ("222", [("data", 2), ("fsdp", 2), ("tensor", 2)])):
+        cfg = ecar_cfg(kl_tokenizer, data_dir, mesh=mesh if name == "222" else [("data", -1), ("fsdp", 1),
+                                                                                ("tensor", 1)])
+        cfg.model.embed_dim, cfg.model.num_heads = 32, 2
+        devices = jax.devices()[:1] if name == "one" else None
+        setup = loop.prepare(cfg, str(tmp_path / name), tok.vae_cfg.image_size)
+        if devices is not None:
+            setup.mesh = sharding.create_mesh(mesh, devices)
+        mcfg = ecar_trainer.ecar_config_from(cfg, tok.vae_cfg, 6)
+        task = ecar_trainer.build_task(setup, tok.vae_cfg, tok.vae_params, mcfg, jnp.float32)
+        state, shardings = sharding.create_sharded_state(task.init_fn, setup.mesh, setup.rules, jax.random.PRNGKey(0))
+        step = jax.jit(task.step_fn)
+        batch = sharding.make_global_batch(local, setup.mesh)
+        for _ in range(2):
+            state, m = step(state, batch)
+        out[name] = (jax.device_get(state["params"]), float(m["loss"]))
+    assert out["one"][1] == pytest.approx(out["222"][1], rel=1e-5)
+    chex.assert_trees_all_close(out["one"][0], out["222"][0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [16, 20, 24, 30])
+def test_imagenet_configs_build_var_sized_models(depth):
+    from varjax.train.ecar_trainer import ecar_config_from
+    from varjax.train.kl_trainer import ae_config_from
+
+    ae_cfg = ae_config_from(load_config("ecar_tokenizer_imagenet"))
+    assert (ae_cfg.image_size, ae_cfg.latent_size, ae_cfg.z_channels) == (256, 16, 16)
+    c = load_config(f"ecar_d{depth}")
+    assert c.model_family == "ecar" and c.data.name == "imagenet2012" and c.total_epochs > 0
+    mcfg = ecar_config_from(c, ae_cfg, 1000)
+    assert mcfg.patch_nums == (1, 2, 4, 8, 16) and mcfg.windows[-1][1] == 1.0
+    assert (mcfg.embed_dim, mcfg.num_heads, mcfg.head_width) == (64 * depth, depth, 64 * depth)
+    local = load_config(f"ecar_d{depth}", "runlocal")
+    assert local.total_steps == 2 and local.batch_size == 8

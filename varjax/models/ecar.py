@@ -1,0 +1,217 @@
+"""E-CAR (arXiv 2412.14170): a stage-wise continuous-token transformer plus a per-token flow head.
+
+The transformer is VAR's (AdaLN blocks, class condition, block-causal mask across stages, KV cache when
+sampling): for stage s it reads every coarser stage's state and emits one condition token per position of
+stage s, all in one parallel step. The flow head is MAR's ``SimpleMLPAdaLN``: a residual MLP on one
+latent token, AdaLN-modulated by (transformer token + time embedding), predicting the velocity of the
+multistage flow (``varjax.models.multistage_flow``).
+
+Letters: B batch, L all tokens of all stages, l one stage's tokens, C transformer width, Cv latent channels,
+W head width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from varjax.models import multistage_flow as msf
+from varjax.models.var import AdaLNSelfAttn, VARConfig, block_causal_mask, level_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class ECARConfig:
+    """Hyper-parameters of the transformer, the flow head and the stage schedule."""
+
+    depth: int = 16
+    embed_dim: int = 1024
+    num_heads: int = 16
+    num_classes: int = 1000
+    Cvae: int = 16  # latent channels of the continuous tokenizer
+    patch_nums: tuple[int, ...] = (1, 2, 4, 8, 16)  # stage resolutions, each a multiple of the previous
+    stage_starts: tuple[float, ...] = ()  # a_s; empty: s / S
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    attn_l2_norm: bool = True
+    cond_drop_rate: float = 0.1
+    drop_path_rate: float = 0.0
+    head_width: int = 1024
+    head_depth: int = 6
+    time_dim: int = 256  # sinusoidal frequencies of the head's time embedding
+    latent_shift: float = 0.0  # the flow works on (z - shift) / scale
+    latent_scale: float = 1.0
+
+    @property
+    def L(self) -> int:
+        return sum(r * r for r in self.patch_nums)
+
+    @property
+    def first_l(self) -> int:
+        return self.patch_nums[0] ** 2
+
+    @property
+    def windows(self) -> tuple[tuple[float, float], ...]:
+        return msf.windows(self.patch_nums, self.stage_starts or None)
+
+    def var_config(self) -> VARConfig:
+        """The VAR block configuration (its vocabulary is unused)."""
+        return VARConfig(
+            depth=self.depth,
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+            num_classes=self.num_classes,
+            vocab_size=1,
+            Cvae=self.Cvae,
+            patch_nums=self.patch_nums,
+            mlp_ratio=self.mlp_ratio,
+            norm_eps=self.norm_eps,
+            attn_l2_norm=self.attn_l2_norm,
+            cond_drop_rate=self.cond_drop_rate,
+            drop_path_rate=self.drop_path_rate,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ECARConfig:
+        d = dict(d)
+        for k in ("patch_nums", "stage_starts"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def timestep_embedding(t_N: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as MAR/DiT embed their step index): (N, dim)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = 1000.0 * t_N[..., None].astype(jnp.float32) * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def _dense(features, name, init=None):
+    return nn.Dense(features, name=name, kernel_init=init or nn.initializers.xavier_uniform())
+
+
+def _ln(x):
+    """LayerNorm without affine parameters (AdaLN supplies scale and shift)."""
+    x = x.astype(jnp.float32)
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(jnp.square(x - mu).mean(-1, keepdims=True) + 1e-6)
+
+
+class FlowHead(nn.Module):
+    """MAR's SimpleMLPAdaLN: velocity (N, Cv) of tokens x (N, Cv) at times t (N,) given conditions c (N, C)."""
+
+    width: int
+    depth: int
+    out_channels: int
+    time_dim: int = 256
+
+    @nn.compact
+    def __call__(self, x_NCv, t_N, c_NC):
+        W = self.width
+        zero = nn.initializers.zeros
+        te = timestep_embedding(t_N, self.time_dim)
+        te = _dense(W, "time_fc2", nn.initializers.normal(0.02))(
+            nn.silu(_dense(W, "time_fc1", nn.initializers.normal(0.02))(te))
+        )
+        y = te + _dense(W, "cond_embed")(c_NC)
+        h = _dense(W, "input_proj")(x_NCv)
+        for i in range(self.depth):
+            mods = _dense(3 * W, f"res_{i}_ada", zero)(nn.silu(y))
+            shift, scale, gate = jnp.split(mods, 3, axis=-1)
+            u = _ln(h) * (1 + scale) + shift
+            u = _dense(W, f"res_{i}_fc2")(nn.silu(_dense(W, f"res_{i}_fc1")(u)))
+            h = h + gate * u
+        shift, scale = jnp.split(_dense(2 * W, "final_ada", zero)(nn.silu(y)), 2, axis=-1)
+        h = _ln(h) * (1 + scale) + shift
+        return _dense(self.out_channels, "final_out", zero)(h)
+
+
+class ECAR(nn.Module):
+    """Class-conditional stage-wise transformer with a flow head."""
+
+    cfg: ECARConfig
+    dtype: jnp.dtype = jnp.float32  # compute dtype of the blocks; parameters stay float32
+
+    def setup(self):
+        c = self.cfg
+        vc = c.var_config()
+        C = c.embed_dim
+        std = math.sqrt(1 / C / 3)
+        init = nn.initializers.truncated_normal(std)
+        self.word_embed = nn.Dense(C, name="word_embed", kernel_init=init)
+        self.class_emb = nn.Embed(c.num_classes + 1, C, embedding_init=init, name="class_emb")
+        self.pos_start = self.param("pos_start", init, (1, c.first_l, C))
+        self.pos_1LC = self.param("pos_1LC", init, (1, c.L, C))
+        self.lvl_embed = nn.Embed(len(c.patch_nums), C, embedding_init=init, name="lvl_embed")
+        dpr = np.linspace(0, c.drop_path_rate, c.depth)
+        self.blocks = [AdaLNSelfAttn(vc, float(dpr[i]), self.dtype, name=f"blocks_{i}") for i in range(c.depth)]
+        self.out_ada = nn.Dense(2 * C, name="out_ada", kernel_init=nn.initializers.zeros)
+        self.head = FlowHead(c.head_width, c.head_depth, c.Cvae, c.time_dim, name="head")
+
+    def _blocks(self, x_BlC, cond_BD, mask, caches, deterministic: bool):
+        """All blocks; returns (x, [(k, v)] per block). The one place the VAR block is called."""
+        new = []
+        for i, blk in enumerate(self.blocks):
+            x_BlC, kv = blk(x_BlC, cond_BD, mask, None if caches is None else caches[i], deterministic=deterministic)
+            new.append(kv)
+        return x_BlC, new
+
+    def _out(self, x_BlC, cond_BD):
+        scale, shift = jnp.split(self.out_ada(nn.silu(cond_BD))[:, None], 2, axis=-1)
+        return _ln(x_BlC.astype(jnp.float32)) * (1 + scale) + shift
+
+    def lvl_pos(self) -> jax.Array:
+        lvl = jnp.asarray(level_ids(self.cfg.patch_nums))
+        return self.lvl_embed(lvl)[None] + self.pos_1LC
+
+    def embed_class(self, label_B):
+        return self.class_emb(label_B)
+
+    def first_tokens(self, cond_BD):
+        """(B, first_l, C) input of the first stage."""
+        c = self.cfg
+        sos = jnp.broadcast_to(cond_BD[:, None], (cond_BD.shape[0], c.first_l, c.embed_dim)) + self.pos_start
+        return sos + self.lvl_pos()[:, : c.first_l]
+
+    def embed_next(self, x_BlCv, start: int):
+        """Input of one stage (tokens start..start+l): U(end of the previous stage), embedded."""
+        return self.word_embed(x_BlCv.astype(jnp.float32)) + self.lvl_pos()[:, start : start + x_BlCv.shape[1]]
+
+    def conditions(self, label_B, x_in_BLCv, train: bool = False):
+        """Teacher forcing: condition tokens (B, L, C) of every stage from the inputs (B, L - first_l, Cv)."""
+        c = self.cfg
+        if train and c.cond_drop_rate > 0:
+            drop = jax.random.uniform(self.make_rng("dropout"), label_B.shape) < c.cond_drop_rate
+            label_B = jnp.where(drop, c.num_classes, label_B)
+        cond_BD = self.class_emb(label_B)
+        x = self.first_tokens(cond_BD)
+        if c.L > c.first_l:
+            x = jnp.concatenate([x, self.embed_next(x_in_BLCv, c.first_l)], axis=1)
+        mask = jnp.asarray(block_causal_mask(c.patch_nums))
+        x, _ = self._blocks(x, cond_BD, mask, None, deterministic=not train)
+        return self._out(x, cond_BD)
+
+    def step(self, x_BlC, cond_BD, caches):
+        """One cached stage: condition tokens (B, l, C) and the caches extended by this stage's keys/values."""
+        x, new = self._blocks(x_BlC, cond_BD, None, caches, deterministic=True)
+        return self._out(x, cond_BD), new
+
+    def velocity(self, z_BlC, x_BlCv, t_Bl):
+        """Flow head on every token: (B, l, Cv)."""
+        B, l, Cv = x_BlCv.shape
+        v = self.head(x_BlCv.reshape(B * l, Cv), t_Bl.reshape(B * l), z_BlC.reshape(B * l, -1))
+        return v.reshape(B, l, Cv)
+
+    def __call__(self, label_B, x_in_BLCv, x_t_BLCv, t_BL, train: bool = False):
+        """Training forward: predicted velocities (B, L, Cv) of the points x_t at times t."""
+        z = self.conditions(label_B, x_in_BLCv, train)
+        return self.velocity(z, x_t_BLCv, t_BL)
