@@ -174,15 +174,15 @@ def load_model_dir(path, need_var: bool = False) -> ModelBundle:
     return ModelBundle(vae_cfg, vae_params, var_cfg, var_params)
 
 
-def _load_continuous(base: Path, meta: dict) -> ModelBundle:
+def _load_continuous(base, meta: dict) -> ModelBundle:
     """A continuous (KL) tokenizer directory, or an E-CAR one (tokenizer + ``ecar`` entry)."""
     from varjax.models.ecar import ECARConfig
     from varjax.models.kl_ae import KLAEConfig
 
-    bundle = ModelBundle(KLAEConfig.from_dict(meta["vae"]["config"]), _load_entry(base, meta["vae"], "vae"),
+    bundle = ModelBundle(KLAEConfig.from_dict(meta["vae"]["config"]), load_params(base, "vae"),
                          family="kl")
     if meta.get("ecar") is not None:
         bundle.family = "ecar"
         bundle.ecar_cfg = ECARConfig.from_dict(meta["ecar"]["config"])
-        bundle.ecar_params = _load_entry(base, meta["ecar"], "ecar")
+        bundle.ecar_params = load_params(base, "ecar")
     return bundle

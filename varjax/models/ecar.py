@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from varjax.models import multistage_flow as msf
-from varjax.models.var import AdaLNSelfAttn, VARConfig, block_causal_mask, level_ids
+from varjax.models.var import AdaLNSelfAttn, VARConfig, level_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +157,11 @@ class ECAR(nn.Module):
         self.out_ada = nn.Dense(2 * C, name="out_ada", kernel_init=nn.initializers.zeros)
         self.head = FlowHead(c.head_width, c.head_depth, c.Cvae, c.time_dim, name="head")
 
-    def _blocks(self, x_BlC, cond_BD, mask, caches, deterministic: bool):
+    def _blocks(self, x_BlC, cond_BD, caches, deterministic: bool):
         """All blocks; returns (x, [(k, v)] per block). The one place the VAR block is called."""
         new = []
         for i, blk in enumerate(self.blocks):
-            x_BlC, kv = blk(x_BlC, cond_BD, mask, None if caches is None else caches[i], deterministic=deterministic)
+            x_BlC, kv = blk(x_BlC, cond_BD, None if caches is None else caches[i], deterministic=deterministic)
             new.append(kv)
         return x_BlC, new
 
@@ -196,13 +196,12 @@ class ECAR(nn.Module):
         x = self.first_tokens(cond_BD)
         if c.L > c.first_l:
             x = jnp.concatenate([x, self.embed_next(x_in_BLCv, c.first_l)], axis=1)
-        mask = jnp.asarray(block_causal_mask(c.patch_nums))
-        x, _ = self._blocks(x, cond_BD, mask, None, deterministic=not train)
+        x, _ = self._blocks(x, cond_BD, None, deterministic=not train)
         return self._out(x, cond_BD)
 
     def step(self, x_BlC, cond_BD, caches):
         """One cached stage: condition tokens (B, l, C) and the caches extended by this stage's keys/values."""
-        x, new = self._blocks(x_BlC, cond_BD, None, caches, deterministic=True)
+        x, new = self._blocks(x_BlC, cond_BD, caches, deterministic=True)
         return self._out(x, cond_BD), new
 
     def velocity(self, z_BlC, x_BlCv, t_Bl):
