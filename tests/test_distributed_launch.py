@@ -149,7 +149,7 @@ def _run_single_and_pair(tmp_path, command, args, devices=4):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "varjax", command, *args]
     single = tmp_path / "single"
-    res = subprocess.run([*cmd, "--workdir", str(single)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    res = subprocess.run([*cmd, "--workdir", str(single)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 * devices}"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"process 0/1, {2 * devices} local devices, {2 * devices} global devices" in res.stdout
@@ -168,7 +168,7 @@ def _run_single_and_pair(tmp_path, command, args, devices=4):
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=300)[0])
+            outs.append(p.communicate(timeout=600)[0])
     finally:
         for p in procs:
             if p.poll() is None:
