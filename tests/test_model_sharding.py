@@ -119,3 +119,21 @@ def test_tokenizer_and_discriminator_convs_carry_logical_axes():
     sh = sharding.logical_to_mesh_shardings(disc, mesh)
     assert sh["conv1"]["kernel"].spec == P(None, None, None, "tensor")
     assert "tensor" not in sh["conv4"]["kernel"].spec  # the 1-channel logits
+
+
+@pytest.mark.parametrize("name,remat", [("var_d30", "dots"), ("var_d36", "full")])
+def test_large_recipes_use_fsdp_and_say_how_to_run_on_fewer_devices(name, remat):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    assert tuple(cfg.mesh) == (("data", -1), ("fsdp", 8), ("tensor", 1))
+    assert cfg.model.scan_layers and cfg.model.remat == remat
+    with pytest.raises(ValueError, match=r"8 devices.*4 available.*--config\.mesh=\"\(\('data', -1\), \('fsdp', 4\)"):
+        sharding.create_mesh(cfg.mesh, jax.devices()[:4])
+    local = mod.get_config("runlocal")
+    assert sharding.mesh_shape(local.mesh, 2) == {"data": 1, "fsdp": 2, "tensor": 1}  # any device count

@@ -348,7 +348,7 @@ def abstract_vqvae_params(cfg: VQVAEConfig):
     model = VQVAE(cfg)
     x = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), np.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, method=VQVAE.init_all), x)
-    return flax.core.unfreeze(shapes)["params"]
+    return flax.core.meta.unbox(flax.core.unfreeze(shapes)["params"])
 
 
 def abstract_var_params(cfg: VARConfig):
