@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from varjax.models.attention import block_causal_attention, mask_qk, query_blocks
+from varjax.models.attention import block_causal_attention, mask_qk, scale_blocks
 from varjax.models.var import level_ids
 
 PATCH_NUMS = (1, 2, 3, 4)
@@ -91,17 +91,25 @@ def test_reference_is_masked_softmax():
         np.testing.assert_allclose(out[:, i], np.einsum("bhk,bkhc->bhc", p, v[:, vis]), atol=1e-5)
 
 
-def test_query_blocks_cover_the_mask():
+def test_scale_blocks_cover_the_mask():
     lvl = level_ids((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
     allowed = mask_qk(lvl, lvl)
-    for n in (1, 2, 3):
-        blocks = query_blocks(lvl, lvl, n)
-        assert len(blocks) <= n and blocks[0][0] == 0 and blocks[-1][1] == len(lvl)
-        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
-        for qs, qe, ke in blocks:  # nothing visible is left out of a block's key range
-            assert not allowed[qs:qe, ke:].any()
-    assert query_blocks(lvl, lvl, 1) == [(0, len(lvl), len(lvl))]
-    assert query_blocks(lvl, lvl, 2) == [(0, 424, 424), (424, 680, 680)]
+    blocks = scale_blocks(lvl, lvl)
+    assert len(blocks) == 10 and blocks[0][0] == 0 and blocks[-1][1] == len(lvl)
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
+    for qs, qe, ke in blocks:  # exactly the visible keys: all before k_end, none after
+        assert allowed[qs:qe, :ke].all() and not allowed[qs:qe, ke:].any()
+    q_level, k_level = sampling_case()
+    assert scale_blocks(q_level, k_level) == [(0, 9, 14)]
+    assert scale_blocks(lvl[::-1], lvl) is None
+
+
+def test_unsorted_levels_fall_back_to_the_mask():
+    lvl = level_ids(PATCH_NUMS)[::-1].copy()
+    q, k, v = _qkv(len(lvl), len(lvl), seed=5)
+    args = (q, k, v, lvl, lvl)
+    np.testing.assert_allclose(block_causal_attention(*args, scale=0.3, implementation="xla"),
+                               block_causal_attention(*args, scale=0.3, implementation="reference"), atol=1e-6)
 
 
 def test_bad_levels_are_rejected():

@@ -6,9 +6,8 @@ Letters: B batch, Lq / Lk query / key tokens, H heads, c head dim.
 
 - ``reference``: dense einsum scores (B, H, Lq, Lk) with a boolean mask; the definition the others are tested
   against.
-- ``xla``: the scales are grouped into query blocks; each block attends only to the key prefix it may see, so
-  fully masked key columns are never computed (about 40% of the dense score matrix at 256px). Plain XLA ops,
-  fastest on CPU.
+- ``xla``: each scale of queries attends to the key prefix it may see, so no mask is needed and the masked
+  part of the score matrix (about 40% at 256px) is never computed. Plain XLA ops, fastest on CPU.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (fused flash attention on NVIDIA GPUs,
   bf16/fp16 only) with the mask passed as an additive bias.
 - ``splash``: the TPU Pallas splash-attention kernel with the mask given as a static block-sparse mask, so
@@ -21,8 +20,6 @@ cached scales, where unfilled cache slots carry a level larger than any query's 
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -66,9 +63,11 @@ def mask_qk(q_level: np.ndarray, k_level: np.ndarray) -> np.ndarray:
 
 
 def _dense(q, k, v, mask_qk_, scale):
-    """Dense masked softmax attention on (B, L, H, c) tensors; scores and softmax in float32."""
+    """Dense softmax attention on (B, L, H, c) tensors, scores and softmax in float32; ``mask_qk_`` None means
+    every key is visible."""
     s = jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask_qk_, s, -jnp.inf)
+    if mask_qk_ is not None:
+        s = jnp.where(mask_qk_, s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhc->bqhc", p, v)
 
@@ -77,41 +76,28 @@ def _reference(q, k, v, q_level, k_level, scale):
     return _dense(q, k, v, jnp.asarray(mask_qk(q_level, k_level)), scale).astype(v.dtype)
 
 
-def query_blocks(q_level: np.ndarray, k_level: np.ndarray, max_blocks: int = 2) -> list[tuple[int, int, int]]:
-    """Splits the queries into at most ``max_blocks`` contiguous runs ``(q_start, q_end, k_end)`` such that no
-    query of a run attends past key ``k_end`` (levels sorted). The split minimises the computed score area
-    ``sum (q_end - q_start) * k_end``; with one run it is the dense product. Unsorted levels give one run."""
+def scale_blocks(q_level: np.ndarray, k_level: np.ndarray) -> list[tuple[int, int, int]] | None:
+    """Runs ``(q_start, q_end, k_end)`` of queries of one scale; every key before ``k_end`` is visible to the
+    run and none after it. None when the levels are not sorted (then no run has a key prefix)."""
     q_level, k_level = np.asarray(q_level), np.asarray(k_level)
-    Lq, Lk = len(q_level), len(k_level)
-    if Lq == 0 or np.any(np.diff(q_level) < 0) or np.any(np.diff(k_level) < 0):
-        return [(0, Lq, Lk)]
-    # keys visible to query i: a prefix, since k_level is sorted
-    k_end = np.searchsorted(k_level, q_level, side="right")
-    # candidate cut points: where a new scale starts
-    cuts = [i for i in range(1, Lq) if q_level[i] != q_level[i - 1]]
-
-    @functools.cache
-    def best(start: int, blocks: int) -> tuple[int, tuple[tuple[int, int, int], ...]]:
-        whole = ((Lq - start) * int(k_end[-1]), ((start, Lq, int(k_end[-1])),))
-        if blocks == 1:
-            return whole
-        options = [whole]
-        for c in cuts:
-            if c > start:
-                area, rest = best(c, blocks - 1)
-                options.append(((c - start) * int(k_end[c - 1]) + area, ((start, c, int(k_end[c - 1])),) + rest))
-        return min(options)
-
-    return list(best(0, max_blocks)[1])
+    if np.any(np.diff(q_level) < 0) or np.any(np.diff(k_level) < 0):
+        return None
+    starts = np.flatnonzero(np.diff(q_level, prepend=q_level[:1] - 1))
+    ends = np.append(starts[1:], len(q_level))
+    k_ends = np.searchsorted(k_level, q_level[starts], side="right")
+    return [(int(a), int(b), int(e)) for a, b, e in zip(starts, ends, k_ends, strict=True)]
 
 
 def _xla(q, k, v, q_level, k_level, scale):
-    """Dense attention per query block over the key prefix the block can see (see ``query_blocks``)."""
-    outs = []
-    for qs, qe, ke in query_blocks(q_level, k_level):
-        m = jnp.asarray(mask_qk(q_level[qs:qe], k_level[:ke]))
-        outs.append(_dense(q[:, qs:qe], k[:, :ke], v[:, :ke], m, scale))
-    return jnp.concatenate(outs, axis=1).astype(v.dtype) if len(outs) > 1 else outs[0].astype(v.dtype)
+    """One dense attention per scale of queries over the key prefix it sees: no mask, and the masked part of
+    the score matrix (about 40% at 256px) is never computed. Fastest on CPU (about 1.7x the reference's speed
+    for a d8 layer, forward and backward; ``jax.nn.dot_product_attention(implementation="xla")`` with the mask
+    is 1.6x slower than the reference)."""
+    blocks = scale_blocks(q_level, k_level)
+    if blocks is None:
+        return _reference(q, k, v, q_level, k_level, scale)
+    outs = [_dense(q[:, qs:qe], k[:, :ke], v[:, :ke], None, scale) for qs, qe, ke in blocks]
+    return (jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]).astype(v.dtype)
 
 
 def _cudnn(q, k, v, q_level, k_level, scale):
