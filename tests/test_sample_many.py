@@ -1,25 +1,24 @@
-"""varjax sample-many: ADM npz layout, greedy parity with the reference, resume, device-count independence."""
+"""varjax sample-many: ADM npz layout, greedy parity with the reference, resume, device and process counts."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from varjax.ckpt import ModelBundle
+from tests._sample_many_worker import CLASSES, OPTS, tiny_bundle
 from varjax.cli import main
 from varjax.images import to_uint8
-from varjax.models.var import VAR, VARConfig
-from varjax.models.vqvae import VQVAE, VQVAEConfig
-from varjax.sample import SampleOptions
 from varjax.sample_many import parse_classes, read_tokens, sample_many
 
 PN = "1,2,3,4,6,8"
-CLASSES = np.asarray([3, 7], np.int32)
-OPTS = SampleOptions(cfg=1.5, top_k=900, top_p=0.96)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +31,7 @@ def model_dir(golden_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle():
-    """A tiny random model (32px, 4 scales) so the sampler compiles in seconds."""
-    pn = (1, 2, 3, 4)
-    vae_cfg = VQVAEConfig(vocab_size=32, z_channels=8, ch=8, ch_mult=(1, 1, 2, 2), num_res_blocks=1, using_sa=False,
-                          using_mid_sa=False, patch_nums=pn, num_groups=4)
-    var_cfg = VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=10, vocab_size=32, Cvae=8, patch_nums=pn,
-                        init_head=1.0)
-    vae = VQVAE(vae_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
-    x = jnp.zeros((1, var_cfg.L - 1, 8))
-    var = VAR(var_cfg).init(jax.random.PRNGKey(1), jnp.zeros((1,), jnp.int32), x, method=VAR.init_all)["params"]
-    return ModelBundle(vae_cfg, nn.unbox(vae), var_cfg, nn.unbox(var))
+    return tiny_bundle()
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +113,31 @@ def test_parse_classes():
     assert parse_classes("3,0", 4).tolist() == [0, 3]
     with pytest.raises(ValueError, match="--classes"):
         parse_classes("5", 4)
+
+
+def test_two_processes_equal_one(full_run, tmp_path):
+    """2 processes x 4 devices: each hands in its share of every batch and writes its rows."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    worker = str(ROOT / "tests" / "_sample_many_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, str(tmp_path), f"localhost:{port}", "2", str(i)], cwd=ROOT,
+                              env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=480)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    assert sorted(f.name for f in (tmp_path / "chunks").iterdir()) == [
+        f"c{c:06d}.p{p:03d}.npz" for c in range(2) for p in range(2)]
+    np.testing.assert_array_equal(read_tokens(tmp_path), read_tokens(full_run[0]))
+    a, b = np.load(tmp_path / "samples.npz")["arr_0"].astype(int), np.load(full_run[1].npz)["arr_0"].astype(int)
+    assert np.abs(a - b).max() <= 1
+    np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_1"], [3] * 5 + [7] * 5)

@@ -212,7 +212,8 @@ def sample_many(
     rows = _local_rows(sharding, B)
     sampler = make_indexed_sampler(bundle.vae_cfg, bundle.var_cfg, opts)
     rep = NamedSharding(mesh, PartitionSpec())
-    vae_p, var_p = jax.device_put(bundle.vae_params, rep), jax.device_put(bundle.var_params, rep)
+    # host copies first: every process places the same values on the global mesh
+    vae_p, var_p = (jax.device_put(jax.tree.map(np.asarray, t), rep) for t in (bundle.vae_params, bundle.var_params))
     done = _done_chunks(out, n_chunks)
     proc = jax.process_index()
     prog = Progress(N, start_step=min(int(done.sum()) * B, N), every_s=progress_every_s, batch_size=1)
@@ -249,6 +250,7 @@ def sample_many(
 
 def run_cli(argv: list[str]) -> None:
     from varjax.ckpt import load_model_dir
+    from varjax.train.sharding import init_distributed
 
     p = argparse.ArgumentParser(prog=argv[0], description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ckpt", required=True, help="model directory (varjax convert) or training workdir")
@@ -264,6 +266,7 @@ def run_cli(argv: list[str]) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="transformer compute dtype")
     p.add_argument("--max-chunks", type=int, default=None, help="stop after this many new chunks (resume later)")
     a = p.parse_args(argv[1:])
+    init_distributed()  # pods and clusters are detected from the environment; one process otherwise
     if a.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {a.per_class}.")
     b = load_model_dir(a.ckpt, need_var=True)

@@ -1,0 +1,41 @@
+"""One process of a multi-process ``sample_many`` run on CPU (gloo collectives), and the tiny test model.
+
+    python tests/_sample_many_worker.py OUT COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID
+"""
+
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from varjax.ckpt import ModelBundle
+from varjax.models.var import VAR, VARConfig
+from varjax.models.vqvae import VQVAE, VQVAEConfig
+from varjax.sample import SampleOptions
+
+CLASSES = np.asarray([3, 7], np.int32)
+OPTS = SampleOptions(cfg=1.5, top_k=900, top_p=0.96)
+
+
+def tiny_bundle() -> ModelBundle:
+    """A tiny random model (32px, 4 scales) so the sampler compiles in seconds; the same in every process."""
+    pn = (1, 2, 3, 4)
+    vae_cfg = VQVAEConfig(vocab_size=32, z_channels=8, ch=8, ch_mult=(1, 1, 2, 2), num_res_blocks=1, using_sa=False,
+                          using_mid_sa=False, patch_nums=pn, num_groups=4)
+    var_cfg = VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=10, vocab_size=32, Cvae=8, patch_nums=pn,
+                        init_head=1.0)
+    vae = VQVAE(vae_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
+    x = jnp.zeros((1, var_cfg.L - 1, 8))
+    var = VAR(var_cfg).init(jax.random.PRNGKey(1), jnp.zeros((1,), jnp.int32), x, method=VAR.init_all)["params"]
+    return ModelBundle(vae_cfg, nn.unbox(vae), var_cfg, nn.unbox(var))
+
+
+if __name__ == "__main__":
+    out, address, n, pid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
+    from varjax.sample_many import sample_many
+
+    sample_many(tiny_bundle(), out, classes=CLASSES, per_class=5, opts=OPTS, seed=0, batch_size=8)
