@@ -29,6 +29,7 @@ class FlowSampleOptions:
     cfg: float = 3.0  # classifier-free guidance scale (1 = no guidance)
     steps: int = 8  # flow steps per stage
     solver: str = "euler"  # "euler" or "heun"
+    temperature: float = 1.0  # scales the initial and the re-noising noise (< 1: less diverse, as MAR's)
 
     def __post_init__(self):
         if self.solver not in ("euler", "heun"):
@@ -52,9 +53,9 @@ def generate_latent(cfg: ECARConfig, opts: FlowSampleOptions, params, label_B, r
     for s, r in enumerate(pns):
         z, caches = model.apply(p, x_tok, cond, caches, method=ECAR.step)
         if s == 0:
-            x = jax.random.normal(keys[0], (B, r, r, Cv), jnp.float32)
+            x = opts.temperature * jax.random.normal(keys[0], (B, r, r, Cv), jnp.float32)
         else:
-            x = msf.renoise(end, wins[s][0], r // pns[s - 1], keys[s])
+            x = msf.renoise(end, wins[s][0], r // pns[s - 1], keys[s], opts.temperature)
         a, b = wins[s]
 
         def vel(x_BrrC, tau, z=z, a=a, b=b, r=r):

@@ -90,11 +90,12 @@ def mean_pool(x_BrrC: jax.Array, f: int) -> jax.Array:
     return x_BrrC.reshape(B, H // f, f, W // f, f, C).mean(axis=(2, 4))
 
 
-def renoise(end_BrrC: jax.Array, a_next: float, f: int, rng: jax.Array) -> jax.Array:
-    """Start of the next stage (resolution f times higher) from the end of this one (see module docstring)."""
+def renoise(end_BrrC: jax.Array, a_next: float, f: int, rng: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """Start of the next stage (resolution f times higher) from the end of this one (see module docstring);
+    ``temperature`` scales the fresh noise (1 is the exact rule)."""
     c = (1.0 + (f - 1) * a_next) / f
     up = upsample(end_BrrC, f)
-    m = jax.random.normal(rng, up.shape, up.dtype)
+    m = temperature * jax.random.normal(rng, up.shape, up.dtype)
     return c * up + (1.0 - a_next) * (m - upsample(mean_pool(m, f), f))
 
 
