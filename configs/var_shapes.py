@@ -21,15 +21,14 @@ def get_config(arg=None):
     c.data.eval_split = "test"
     c.data.mid_reso = 1.0  # the shapes are drawn at the training resolution; no crop jitter needed
     c.data.shuffle_buffer = 4096
-    # 341 tokens per image (scales 1-2-4-8-16): batch 32 gives twice the updates of batch 64 for the same compute.
-    c.batch_size = 32
-    c.total_steps = 600
-    c.tblr = 1e-3 * 256 / 32  # lr 1e-3 at batch 32: a small model on a small dataset tolerates a large lr
+    c.batch_size = 64
+    c.total_steps = 1500
+    c.tblr = 1e-3 * 256 / 64  # lr 1e-3 at batch 64: a small model on a small dataset tolerates a large lr
     c.opt.wpe = 0.05
     c.opt.warmup_fraction = 0.03
     c.log_every = 25
-    c.ckpt_every = 200
-    c.eval_every = 600
+    c.ckpt_every = 250
+    c.eval_every = 750
     if a.runlocal:
         c.data.name = "varjax_shapes/tiny"
         c.batch_size = 8

@@ -10,7 +10,7 @@ import pytest
 
 from varjax.models.var import VAR, VARConfig
 from varjax.models.vqvae import VQVAE, VQVAEConfig
-from varjax.train.var_trainer import drop_labels, make_eval_fn
+from varjax.train.var_trainer import eval_label_drop, make_eval_fn
 
 PNS = (1, 2, 4)
 NCLS = 5
@@ -70,9 +70,11 @@ def test_eval_drops_labels_like_the_reference_with_a_fixed_key(models):
     again = evaluate(var_params, batches)
     assert got == again  # deterministic
 
-    keys = [jax.random.fold_in(jax.random.PRNGKey(7), i) for i in range(len(batches))]
-    dropped = [np.asarray(drop_labels(jnp.asarray(b["label"]), k, 0.5, NCLS)) for b, k in zip(batches, keys,
-                                                                                               strict=True)]
+    # the reference: label_B = where(rand(B) < cond_drop_rate, num_classes, label_B), here with fixed draws
+    dropped = [np.where(np.random.default_rng((7, i)).random(len(b["label"])) < 0.5, NCLS, b["label"])
+               for i, b in enumerate(batches)]
+    assert all((eval_label_drop(7, i, len(b["label"]), 0.5) == (d == NCLS)).all() for i, (b, d) in
+               enumerate(zip(batches, dropped, strict=True)))
     n_null = sum(int((d == NCLS).sum()) for d in dropped)
     assert 0 < n_null < 12  # some, not all, labels became the null class
     want = reference_stats(vae_cfg, vae_params, var_cfg, var_params, batches, dropped)

@@ -156,31 +156,32 @@ def teacher_forcing_inputs(vae: VQVAE, vae_params, patch_nums, batch):
 EVAL_KEYS = ("L_mean", "L_tail", "acc_mean", "acc_tail")
 
 
-def drop_labels(label_B, key, rate: float, num_classes: int):
-    """Labels replaced by the null class ``num_classes`` where ``uniform(key, (B,)) < rate``.
+def eval_label_drop(seed: int, batch_index: int, batch_size: int, rate: float) -> np.ndarray:
+    """Which examples of evaluation batch ``batch_index`` get the null class: (B,) bool, ``u < rate`` for
+    uniform draws of a numpy generator seeded with ``(seed, batch_index)``.
 
-    The reference's ``VAR.forward`` does this in evaluation too (its ``eval_ep`` calls the same forward), so
-    its reported test losses are on class-dropped batches.
+    The reference's ``VAR.forward`` drops labels at ``cond_drop_rate`` in evaluation too (its ``eval_ep`` calls
+    the same forward), so its reported test losses are on class-dropped batches. Drawing on the host with a
+    fixed seed makes the choice the same on every machine, mesh and process count.
     """
-    drop_B = jax.random.uniform(key, label_B.shape) < rate
-    return jnp.where(drop_B, num_classes, label_B)
+    return np.random.default_rng((seed, batch_index)).random(batch_size) < rate
 
 
 def make_eval_fn(vae_cfg: VQVAEConfig, vae_params, model_cfg: VARConfig, dtype=jnp.float32, seed: int = 0):
     """``evaluate(params, batches, mesh=None) -> dict`` over eval batches (padded examples carry ``mask`` 0 and
     are not counted).
 
-    ``L_mean``, ``L_tail``, ``acc_mean``, ``acc_tail`` are computed as the reference trainer computes them: each
-    batch's labels are dropped to the null class at ``model_cfg.cond_drop_rate``, here with a fixed key per
-    batch (``fold_in(PRNGKey(seed), batch index)``), so the numbers are deterministic. The same four with
-    ``_nodrop`` appended use the true labels of every example.
+    ``L_mean``, ``L_tail``, ``acc_mean``, ``acc_tail`` are computed as the reference trainer computes them: the
+    labels of each batch are replaced by the null class at ``model_cfg.cond_drop_rate``, here with a fixed
+    draw per batch (``eval_label_drop``), so the numbers are deterministic. The same four with ``_nodrop``
+    appended use the true labels of every example.
     """
     vae, var = VQVAE(vae_cfg), VAR(model_cfg, dtype=dtype)
     pns = model_cfg.patch_nums
     rate, null = float(model_cfg.cond_drop_rate), model_cfg.num_classes
 
     @jax.jit
-    def batch_stats(params, batch, key):
+    def batch_stats(params, batch):
         gt_BL, x = teacher_forcing_inputs(vae, vae_params, pns, batch)
 
         def stats(label_B):
@@ -188,19 +189,20 @@ def make_eval_fn(vae_cfg: VQVAEConfig, vae_params, model_cfg: VARConfig, dtype=j
             return eval_stats(logits, gt_BL, pns[-1] ** 2, batch["mask"])
 
         nodrop = stats(batch["label"])
-        dropped = stats(drop_labels(batch["label"], key, rate, null)) if rate > 0 else nodrop
-        return dropped, nodrop
+        return (stats(batch["label_dropped"]) if rate > 0 else nodrop), nodrop
 
     def evaluate(params, batches, mesh=None) -> dict:
         from varjax.train.sharding import make_global_batch
 
-        base = jax.random.PRNGKey(seed)
         tot, tot_nodrop = np.zeros(5), np.zeros(5)
         for i, b in enumerate(batches):
             b = {k: v for k, v in b.items() if k in ("image", "tokens", "label", "mask")}
+            B, p = len(b["label"]), jax.process_index()  # this process's slice of the global batch
+            drop_B = eval_label_drop(seed, i, B * jax.process_count(), rate)[p * B : (p + 1) * B]
+            b["label_dropped"] = np.where(drop_B, null, b["label"]).astype(np.int32)
             if mesh is not None:
                 b = make_global_batch(b, mesh)
-            dropped, nodrop = jax.device_get(batch_stats(params, b, jax.random.fold_in(base, i)))
+            dropped, nodrop = jax.device_get(batch_stats(params, b))
             tot += np.asarray(dropped)
             tot_nodrop += np.asarray(nodrop)
         out = {k: float(v) for k, v in zip(EVAL_KEYS, tot[:4] / max(tot[4], 1), strict=True)}
