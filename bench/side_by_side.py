@@ -124,9 +124,9 @@ def main(argv=None) -> dict:
             f"ratio {ratio:.2f}   (load {_load()})",
             flush=True,
         )
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+        if a.json:  # after every benchmark, so a long run that is stopped keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=2)
     return results
 
 
