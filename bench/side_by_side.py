@@ -90,6 +90,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="timed calls per benchmark (after a warm-up call)")
     p.add_argument("--only", default="train,sample,decode", help="comma-separated subset of train,sample,decode")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark process")
+    p.add_argument("--platform", default="cpu", help="JAX_PLATFORMS for varjax (cpu, cuda, tpu)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     names = [n for n in a.only.split(",") if n]
@@ -98,7 +99,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: --only {bad}: expected names among {', '.join(BENCHES)}.")
 
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["JAX_PLATFORMS"] = a.platform
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     results = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -123,9 +124,9 @@ def main(argv=None) -> dict:
             f"ratio {ratio:.2f}   (load {_load()})",
             flush=True,
         )
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+        if a.json:  # after every benchmark, so a long run that is stopped keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=2)
     return results
 
 

@@ -174,3 +174,31 @@ def flax_unbox(tree):
     from flax.core import meta
 
     return meta.unbox(tree)
+
+
+def test_bfloat16_sampling_computes_in_bfloat16():
+    pns = (1, 2, 4)
+    var_cfg = VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=4, vocab_size=64, Cvae=8, patch_nums=pns)
+    vae_cfg = VQVAEConfig(
+        vocab_size=64,
+        z_channels=8,
+        ch=8,
+        ch_mult=(1, 1),
+        num_res_blocks=1,
+        using_sa=False,
+        using_mid_sa=False,
+        num_groups=4,
+        patch_nums=pns,
+    )
+    var_params = flax_unbox(
+        init_params(VAR(var_cfg), jnp.zeros((1,), jnp.int32), jnp.zeros((1, var_cfg.L - 1, 8)), method=VAR.init_all)
+    )
+    vae_params = init_params(VQVAE(vae_cfg), jnp.zeros((1, 8, 8, 3)), method=VQVAE.init_all)
+    labels = jnp.asarray([0, 3], jnp.int32)
+    sampler = make_sampler(vae_cfg, var_cfg, SampleOptions(top_k=10, top_p=0.9, dtype="bfloat16"))
+    hlo = sampler.lower(vae_params, var_params, labels, jax.random.PRNGKey(0)).as_text()
+    assert "bf16" in hlo and hlo.count("func.func public @main") == 1
+    img, tokens = sampler(vae_params, var_params, labels, jax.random.PRNGKey(0))
+    assert img.dtype == jnp.float32 and img.shape == (2, 8, 8, 3)
+    assert float(img.min()) >= 0 and float(img.max()) <= 1
+    assert tokens.shape == (2, var_cfg.L) and int(tokens.min()) >= 0 and int(tokens.max()) < 64
