@@ -151,6 +151,7 @@ def compile_step(cfg, devices, resolution: int = 256):
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax.core import meta
 
     from varjax.models.vqvae import VQVAE
     from varjax.train import loop, sharding
@@ -170,10 +171,10 @@ def compile_step(cfg, devices, resolution: int = 256):
     setup = loop.Setup(cfg, "", mesh, rules, _NoData(), total, _NoData.steps_per_epoch, True)
 
     s = vae_cfg.image_size
-    vae_abstract = jax.eval_shape(
+    vae_abstract = meta.unbox(jax.eval_shape(
         lambda r: VQVAE(vae_cfg).init(r, jnp.zeros((1, s, s, 3)), method=VQVAE.init_all)["params"],
         jax.random.PRNGKey(0),
-    )
+    ))
 
     def task_for(vae_params):
         # The tokenizer's parameters are an argument of the compiled step here (the trainer closes over them):
@@ -207,7 +208,8 @@ def compile_step(cfg, devices, resolution: int = 256):
     jitted = jax.jit(
         step, in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated), donate_argnums=0
     )
-    lowered = jitted.lower(abstract_state, batch, vae_in)
+    with sharding.mesh_rules(mesh, rules):  # traced as the trainer traces it: activation constraints act
+        lowered = jitted.lower(abstract_state, batch, vae_in)
     compiled = lowered.compile()
     compile_s = time.time() - t0
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_state["params"]))
