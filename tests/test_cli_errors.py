@@ -15,8 +15,8 @@ import pytest
 from varjax import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("convert", "sample", "tokenize", "reconstruct", "edit", "train", "train-tokenizer", "eval", "sweep",
-            "main")
+COMMANDS = ("convert", "sample", "tokenize", "reconstruct", "edit", "export", "train", "train-tokenizer", "eval",
+            "sweep", "main", "compile", "sample-many", "fid")
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +117,8 @@ def test_bad_inputs_of_model_commands(case, argv, names, model_dir, bad_inputs, 
          ["--config.batch_size", "abc"]),
         (["train", "--config", "var_shape", "--workdir", "w"], ["--config var_shape", "'var_shapes'"]),
         (["train-tokenizer", "--config", "configs/no_such.py", "--workdir", "w"], ["configs/no_such.py"]),
-        (["main", "--var.batchsize=8"], ["--var.batchsize", "'batch_size'"]),
-        (["main", "--tok.vae.vocab=8"], ["--tok.vae.vocab", "'vocab_size'"]),
+        (["main", "--var.batchsize=8"], ["--var.batchsize", "--var.batch_size?"]),
+        (["main", "--tok.vae.vocab=8"], ["--tok.vae.vocab", "--tok.vae.vocab_size?"]),
         (["main", "--var.total_steps=many"], ["--var.total_steps=many"]),
     ],
 )
@@ -191,7 +191,7 @@ def test_help_of_every_command(command, capsys):
 @pytest.mark.parametrize("argv", readme_commands(), ids=lambda a: " ".join(a)[:60])
 def test_readme_command_parses(argv, tmp_path, monkeypatch):
     """Parses the command and loads its configs (overrides applied); the work itself is a stub."""
-    from varjax import evaluate, main_job
+    from varjax import aot, ckpt, ecar_main, evaluate, fid_eval, main_job
     from varjax.scaling import sweep
     from varjax.train import tok_trainer, var_trainer
 
@@ -210,6 +210,20 @@ def test_readme_command_parses(argv, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "evaluate", stub("eval"))
     monkeypatch.setattr(sweep, "launch", stub("sweep launch"))
     monkeypatch.setattr(sweep, "fit", stub("sweep fit"))
+    heavy = {  # commands whose work starts with one call: parsed up to it, then stopped there
+        "compile": (aot, "topology_devices"),
+        "sample-many": (ckpt, "load_model_dir"),
+        "fid": (fid_eval, "evaluate_fid"),
+        "main": (ecar_main, "run") if "--model" in argv else None,
+    }.get(argv[0])
+    if heavy is not None:
+        def stop(*a, **k):
+            raise RuntimeError("stop")
+
+        monkeypatch.setattr(*heavy, stop)
+        with pytest.raises(RuntimeError, match="stop"):
+            cli.main(argv)
+        return
     if argv[0] == "main":  # the main job: configs loaded and overridden, then the tokenizer stage is reached
         monkeypatch.setattr(main_job, "tokenize_train_split", stub("tokens"))
         monkeypatch.setattr(var_trainer, "train", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))

@@ -288,6 +288,10 @@ def run_cli(argv: list[str]) -> None:
     from varjax.train.cli_flags import run_with_config
 
     argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        print(f"usage: {argv[0]} --config NAME|FILE.py[:args] --topology NAME [--json F] [--resolution 256|512] "
+              "[--config.field=value ...]\n\n" + (__doc__ or ""))
+        return
     topology = _pop_flag(argv, "--topology")
     json_out = _pop_flag(argv, "--json")
     resolution = int(_pop_flag(argv, "--resolution", "256"))
