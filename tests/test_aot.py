@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax.core import meta
 
 from varjax.aot import compile_step, tpu_topology
 from varjax.cli import main
@@ -33,7 +34,9 @@ def tokenizer(tmp_path_factory):
     from varjax.ckpt import save_model_dir
 
     d = tmp_path_factory.mktemp("tok") / "tok"
-    params = VQVAE(VAE_CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
+    params = meta.unbox(
+        VQVAE(VAE_CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
+    )
     save_model_dir(str(d), VAE_CFG, params)
     return str(d), params
 
@@ -43,7 +46,7 @@ def tiny_cfg(tok_dir) -> ml_collections.ConfigDict:
     c.tokenizer_dir = tok_dir
     c.model.embed_dim, c.model.num_heads, c.model.num_classes, c.model.dtype = 32, 2, 10, "float32"
     c.batch_size = 8
-    c.mesh = [("data", 4), ("fsdp", 2), ("tensor", 1)]
+    c.mesh = (("data", 4), ("fsdp", 2), ("tensor", 1))
     return c
 
 
