@@ -1,10 +1,11 @@
 """The analytic FLOP count (varjax/scaling/flops.py) against XLA's cost analysis of the compiled forward pass.
 
-The model computes the full L x L attention scores and then applies the block-causal mask, so the compiled
-program does the dense attention work: XLA's count matches ``attention='dense'``, not ``'masked'`` (the
-work a block-sparse kernel would do, and the convention of the scaling-law compute C). XLA also counts the
-element-wise work (norms, softmax, GELU, AdaLN modulation) that the formula leaves out, so it lies a few
-percent above the dense count, never below it.
+With ``attention='reference'`` the model computes the full L x L attention scores and then applies the
+block-causal mask, so the compiled program does the dense attention work: XLA's count matches
+``attention='dense'``, not ``'masked'`` (the work a block-sparse kernel would do, and the convention of the
+scaling-law compute C). XLA also counts the element-wise work (norms, softmax, GELU, AdaLN modulation) that
+the formula leaves out, so it lies a few percent above the dense count, never below it. The ``xla`` path
+computes one score block per scale over the keys that scale may see, so its count lies between the two.
 """
 
 import jax
@@ -27,8 +28,9 @@ def xla_forward_flops(cfg: VARConfig, batch: int) -> float:
     return float(cost["flops"])
 
 
-def _cfg(C, patch_nums, V):
-    return VARConfig(depth=2, embed_dim=C, num_heads=2, num_classes=10, vocab_size=V, Cvae=8, patch_nums=patch_nums)
+def _cfg(C, patch_nums, V, attention="reference"):
+    return VARConfig(depth=2, embed_dim=C, num_heads=2, num_classes=10, vocab_size=V, Cvae=8, patch_nums=patch_nums,
+                     attention=attention)
 
 
 @pytest.mark.parametrize("C,V", [(64, 64), (128, 256)])
@@ -51,3 +53,5 @@ def test_attention_heavy_config_counts_dense_attention():
     assert masked < 0.85 * dense  # the two conventions differ clearly here
     assert dense <= xla <= 1.12 * dense, (xla, dense)
     assert xla > 1.2 * masked  # the program does not skip the masked-out scores
+    per_scale = xla_forward_flops(_cfg(32, (1, 2, 3, 4, 5, 6, 8), 16, attention="xla"), B)
+    assert masked <= per_scale < 0.95 * xla, (per_scale, masked, xla)  # the per-scale path skips most of them
