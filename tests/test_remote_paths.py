@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.core import meta
 
 from tests import _fake_gcs
 from varjax import cli, paths
@@ -42,6 +43,7 @@ def _tiny_tokenizer(url):
     cfg = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
                       using_mid_sa=False, patch_nums=(1, 2, 4, 8), num_groups=8)
     params = VQVAE(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
+    params = meta.unbox(params)  # the init carries logical-axis boxes
     save_model_dir(url, cfg, params)
     return params
 
