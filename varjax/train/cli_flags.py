@@ -10,7 +10,6 @@ reported with the closest valid name.
 
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib.util
 import os
@@ -18,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+
+from varjax.train.config_utils import python_literal
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -76,13 +77,6 @@ def _parse_bool(text: str) -> bool:
     raise ValueError("expected True/False (or 1/0, yes/no)")
 
 
-def _literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def parse_value(text: str, current: Any, field_type: type | None) -> Any:
     """The value of ``text`` for a field holding ``current`` (of type ``field_type``, None when unknown).
 
@@ -93,19 +87,19 @@ def parse_value(text: str, current: Any, field_type: type | None) -> Any:
         return None
     typ = field_type or (type(current) if current is not None else None)
     if typ is None:
-        return _literal(text)
+        return python_literal(text)
     if typ is bool:
         return _parse_bool(text)
     if typ is str:
-        value = _literal(text)
+        value = python_literal(text)
         return value if isinstance(value, str) else text
     if typ in (int, float):
-        value = _literal(text)
+        value = python_literal(text)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and isinstance(value, float)):
             raise ValueError(f"expected {typ.__name__}")
         return typ(value)
     if typ in (list, tuple):
-        value = _literal(text)
+        value = python_literal(text)
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"expected a {typ.__name__} in Python syntax, e.g. [('data', -1), ('fsdp', 8)]")
         if current:  # elements shaped like the current ones: pairs stay pairs, numbers stay numbers
@@ -116,7 +110,7 @@ def parse_value(text: str, current: Any, field_type: type | None) -> Any:
         return typ(value)
     if isinstance(current, ml_collections.ConfigDict):
         raise ValueError("this is a group of fields; override its fields one by one (--config.group.field=value)")
-    return _literal(text)
+    return python_literal(text)
 
 
 def _kind(x: Any) -> str:

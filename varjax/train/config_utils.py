@@ -79,7 +79,7 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def _literal(text: str) -> Any:
+def python_literal(text: str) -> Any:
     """Python literal if ``text`` is one ('3', '1e-4', 'None', '(1,2)'), else the string itself."""
     try:
         return ast.literal_eval(text)
@@ -89,13 +89,13 @@ def _literal(text: str) -> Any:
 
 def _convert(key: str, text: str, typ: type | None) -> Any:
     if typ is None:
-        return _literal(text)
+        return python_literal(text)
     try:
         if typ is bool:
             return _parse_bool(text)
         if typ in (tuple, list):
             # Sequences are written with '+' inside the comma-separated argument: 'pn=1+2+3'.
-            return typ(_literal(t) for t in text.split("+") if t)
+            return typ(python_literal(t) for t in text.split("+") if t)
         return typ(text)
     except ValueError as e:
         raise ValueError(
