@@ -142,25 +142,40 @@ def init_params(model, *args, method):
     return model.init(jax.random.PRNGKey(0), *args, method=method)["params"]
 
 
-def test_d16_sized_sampling_is_one_compiled_program():
-    # The transformer has the released d16 shape (310M parameters, 10 scales, 4096 codes); the tokenizer is
-    # narrow to keep the test fast, since it is not what this test is about.
+def abstract_params(model, *args, method):
+    """Parameter shapes of ``model`` without computing them (jax.eval_shape), unboxed."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, method=method)["params"])
+    return flax_unbox(shapes)
+
+
+def test_d16_sized_sampling_compiles_to_one_program():
+    # The transformer has the released d16 shape (310M parameters, 10 scales, 4096 codes). Compiling is what
+    # this test is about, so the parameters stay abstract and nothing runs; the tokenizer is narrow.
     var_cfg = VARConfig.official(16, num_classes=1000)
     vae_cfg = tiny_vae_cfg()
-    var_params = jax.jit(
-        lambda: flax_unbox(
-            init_params(
-                VAR(var_cfg), jnp.zeros((1,), jnp.int32), jnp.zeros((1, var_cfg.L - 1, 32)), method=VAR.init_all
-            )
-        )
-    )()
-    n = sum(x.size for x in jax.tree.leaves(var_params))
-    assert n == 310_283_520
+    var_params = abstract_params(
+        VAR(var_cfg), jnp.zeros((1,), jnp.int32), jnp.zeros((1, var_cfg.L - 1, 32)), method=VAR.init_all
+    )
+    assert sum(x.size for x in jax.tree.leaves(var_params)) == 310_283_520
+    vae_params = abstract_params(VQVAE(vae_cfg), jnp.zeros((1, 256, 256, 3)), method=VQVAE.init_all)
+    sampler = make_sampler(vae_cfg, var_cfg, SampleOptions(cfg=1.5, top_k=900, top_p=0.96))
+    labels = jax.ShapeDtypeStruct((2,), jnp.int32)
+    lowered = sampler.lower(vae_params, var_params, labels, jax.random.PRNGKey(0))
+    assert lowered.as_text().count("func.func public @main") == 1  # the whole generation is one program
+    out = lowered.compile().out_info
+    assert out[0].shape == (2, 256, 256, 3) and out[1].shape == (2, 680)
+
+
+def test_ten_scale_sampling_reuses_its_program():
+    # All 10 scales of the 256px schedule and 4096 codes, at a narrow width so it runs quickly.
+    var_cfg = VARConfig(depth=2, embed_dim=32, num_heads=2, num_classes=1000, vocab_size=4096, Cvae=32)
+    vae_cfg = tiny_vae_cfg()
+    var_params = init_params(
+        VAR(var_cfg), jnp.zeros((1,), jnp.int32), jnp.zeros((1, var_cfg.L - 1, 32)), method=VAR.init_all
+    )
     vae_params = init_params(VQVAE(vae_cfg), jnp.zeros((1, 256, 256, 3)), method=VQVAE.init_all)
     sampler = make_sampler(vae_cfg, var_cfg, SampleOptions(cfg=1.5, top_k=900, top_p=0.96))
     labels = jnp.asarray([1, 980], jnp.int32)
-    hlo = sampler.lower(vae_params, var_params, labels, jax.random.PRNGKey(0)).as_text()
-    assert hlo.count("func.func public @main") == 1  # the whole generation is one program
     img, tokens = sampler(vae_params, var_params, labels, jax.random.PRNGKey(0))
     img2, tokens2 = sampler(vae_params, var_params, labels, jax.random.PRNGKey(1))
     assert sampler._cache_size() == 1  # the second call reused the one compiled program
