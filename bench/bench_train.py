@@ -51,6 +51,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=64, help="global batch")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after one compile/warm-up step)")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--scan-layers", action="store_true", help="config.model.scan_layers: the blocks as one loop")
+    p.add_argument("--remat", default="none", help="config.model.remat: none, full or dots")
+    p.add_argument("--attention", default="auto", help="config.model.attention: auto, reference, xla, cudnn, splash")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device (overrides the table)")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
@@ -78,6 +81,9 @@ def main(argv=None) -> dict:
     cfg.model.embed_dim = a.width
     cfg.model.num_heads = a.heads
     cfg.model.dtype = a.dtype
+    cfg.model.scan_layers = a.scan_layers
+    cfg.model.remat = a.remat
+    cfg.model.attention = a.attention
     cfg.batch_size = a.batch_size
     cfg.total_steps = a.steps + 1
     model_cfg = var_config_from(cfg, vae_cfg, a.num_classes)
