@@ -4,9 +4,10 @@
 
 A small CPU-sized model (8x8 latents, 64 codes, scales 1-2-3-4-6-8), L1 + L2 reconstruction, no LPIPS and
 no discriminator. Small batches: on this data the tokenizer is limited by the number of updates, not by
-images seen (batch 8 beat 16 and 32 at equal images and time; 64 codes reconstruct as well as 256 and
-are easier for the transformer). The workdir is then a tokenizer for `varjax train --config configs/var_shapes.py
---config.tokenizer_dir=runs/tok_shapes`. `configs/tokenizer_shapes.py:runlocal` is a few-step smoke test.
+images seen (batch 8 beat 16 and 32 for about the same images and time; 64 codes reconstruct as well as
+256 and are easier for the transformer). The workdir is then a tokenizer for
+`varjax train --config configs/var_shapes.py --config.tokenizer_dir=runs/tok_shapes`.
+`configs/tokenizer_shapes.py:runlocal` is a few-step smoke test.
 """
 
 from varjax.train.config_utils import parse_arg

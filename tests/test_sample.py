@@ -144,8 +144,7 @@ def init_params(model, *args, method):
 
 def abstract_params(model, *args, method):
     """Parameter shapes of ``model`` without computing them (jax.eval_shape), unboxed."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, method=method)["params"])
-    return flax_unbox(shapes)
+    return flax_unbox(jax.eval_shape(lambda: init_params(model, *args, method=method)))
 
 
 def test_d16_sized_sampling_compiles_to_one_program():
