@@ -88,6 +88,7 @@ def main(argv=None) -> dict:
 
     from varjax.models.vqvae import VQVAE
     from varjax.sample import SampleOptions, make_sampler
+    from varjax.xla_flags import conv_compiler_options
 
     if a.ckpt:
         from varjax.ckpt import load_model_dir
@@ -104,7 +105,8 @@ def main(argv=None) -> dict:
         fn = jax.jit(
             lambda p, f: VQVAE(vae_cfg).apply(
                 {"params": jax.tree.map(lambda x: x.astype(dt), p)}, f.astype(dt), method=VQVAE.fhat_to_img
-            )
+            ),
+            compiler_options=conv_compiler_options(),  # as the sampler compiles its decode
         )
         first, times = timed(fn, (vae_params, f_hat), a.steps)
     else:

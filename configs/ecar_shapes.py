@@ -27,13 +27,16 @@ def get_config(arg=None):
     c.data.mid_reso = 1.0
     c.data.shuffle_buffer = 4096
     c.batch_size = 64
-    c.total_steps = 1500
+    c.total_steps = 2500
     c.tblr = 1e-3 * 256 / 64
     c.opt.wpe = 0.05
     c.opt.warmup_fraction = 0.03
     c.log_every = 25
     c.ckpt_every = 250
-    c.sample.cfg = 3.0
+    # per-token sampling: a sharper draw (guidance 4, noise x0.3) keeps a shape's tokens in agreement; on the
+    # 1,500-step model, class consistency 42% at (3, 1.0), 53% at (3, 0.7), 68% at (4, 0.3), 65% at (5, 0.3)
+    c.sample.cfg = 4.0
+    c.sample.temperature = 0.3
     c.sample.steps = 8
     # every stage in every example (each stage's mean loss weighted 1/S): four times the flow-head signal of
     # drawing one stage per example at the same cost, which matters on a CPU budget

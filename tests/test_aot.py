@@ -116,7 +116,8 @@ def test_cli_prints_memory_and_flops(tokenizer, compiled_tiny, tmp_path, capsys,
     main(["compile", "--config", str(cfg_file), "--topology", "local", "--json", str(out), "--config.batch_size=16"])
     assert seen == {"batch_size": 16, "devices": 8, "resolution": 256}
     text = capsys.readouterr().out
-    assert "[compile] per device: total" in text and "FLOPs per step" in text and "fits: unknown" in text
+    assert "[compile] per device: total" in text and "FLOPs per step (XLA)" in text and "fits: unknown" in text
+    assert "model FLOPs per step" in text
     info = json.loads(out.read_text())
     assert info["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1} and info["topology"] == "local"
     with pytest.raises(SystemExit) as e:

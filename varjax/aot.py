@@ -130,9 +130,16 @@ def _tokenizer_config(cfg, resolution: int):
     return VQVAEConfig(patch_nums=PATCH_NUMS_256 if resolution == 256 else PATCH_NUMS_512)
 
 
+KNOWN_CLASSES = {"imagenet2012": 1000, "imagenet_resized": 1000, "imagenet2012_subset": 1000}
+
+
 def _num_classes(data_cfg) -> int:
     from varjax.data import pipeline
 
+    name = data_cfg.get("name", "")
+    if name in KNOWN_CLASSES and not data_cfg.get("data_dir"):
+        # asking TFDS would create (and start preparing) the dataset's folder on a host that has no ImageNet
+        return KNOWN_CLASSES[name]
     try:
         return pipeline.num_classes(data_cfg)
     except Exception as e:  # the dataset is not on this host: ImageNet's 1000 classes
@@ -154,6 +161,7 @@ def compile_step(cfg, devices, resolution: int = 256):
     from flax.core import meta
 
     from varjax.models.vqvae import VQVAE
+    from varjax.scaling.flops import train_flops_per_sequence
     from varjax.train import loop, sharding
     from varjax.train.var_trainer import build_task, var_config_from
 
@@ -223,6 +231,9 @@ def compile_step(cfg, devices, resolution: int = 256):
         "dtype": str(dtype),
         "compile_s": compile_s,
         **memory_and_flops(compiled, devices[0]),
+        "model_flops_per_step": B * train_flops_per_sequence(dataclasses.asdict(model_cfg), "masked"),
+        "scan_layers": bool(cfg.model.get("scan_layers", False)),
+        "remat": str(cfg.model.get("remat", "none")),
     }
     return compiled, info
 
@@ -256,7 +267,8 @@ def report(info: dict, topology: str) -> str:
     L = sum(p * p for p in m["patch_nums"])
     lines = [
         f"[compile] VAR d{m['depth']} (width {m['embed_dim']}, {info['params']:,} params, L={L}), "
-        f"batch {info['batch_size']}, {info['dtype']}",
+        f"batch {info['batch_size']}, {info['dtype']}, scan_layers {info.get('scan_layers')}, "
+        f"remat {info.get('remat')}",
         f"[compile] topology {topology}: {info['devices']} x {info['device_kind']}, mesh {info['mesh']}, "
         f"compiled in {info['compile_s']:.1f}s",
         f"[compile] per device: arguments {g('argument_bytes')}, outputs {g('output_bytes')} "
@@ -265,7 +277,11 @@ def report(info: dict, topology: str) -> str:
     ]
     if info.get("flops_per_device") is not None:
         f = info["flops_per_device"]
-        lines.append(f"[compile] FLOPs per step: {f:.4g} per device, {f * info['devices']:.4g} in all")
+        # XLA's cost analysis counts a while loop's body once: with scanned blocks it sees one block per step
+        note = " (XLA counts the scanned block loop once)" if info.get("scan_layers") else ""
+        lines.append(f"[compile] FLOPs per step (XLA): {f:.4g} per device, {f * info['devices']:.4g} in all{note}")
+    if info.get("model_flops_per_step"):
+        lines.append(f"[compile] model FLOPs per step (3 x forward matmuls): {info['model_flops_per_step']:.4g}")
     fits = info.get("fits")
     lines.append(f"[compile] fits: {'yes' if fits else 'no' if fits is not None else 'unknown (no HBM figure)'}")
     return "\n".join(lines)

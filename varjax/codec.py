@@ -12,18 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from varjax.models.vqvae import VQVAE, VQVAEConfig
+from varjax.xla_flags import conv_compiler_options
 
 
 @functools.lru_cache(maxsize=8)
 def tokenizer_fns(vae_cfg: VQVAEConfig):
     """``(tokens(params, img) -> (B, L) int32, recon(params, img) -> (B, H, W, 3) in [-1, 1])``, both jitted."""
     model = VQVAE(vae_cfg)
+    jit = functools.partial(jax.jit, compiler_options=conv_compiler_options())
 
-    @jax.jit
+    @jit
     def tokens(params, img_BHW3):
         return jnp.concatenate(model.apply({"params": params}, img_BHW3, method=VQVAE.img_to_idx), axis=1)
 
-    @jax.jit
+    @jit
     def recon(params, img_BHW3):
         return model.apply({"params": params}, img_BHW3, method=VQVAE.img_to_recon)
 

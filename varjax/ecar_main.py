@@ -62,7 +62,8 @@ def evaluate_ecar(ckpt: str, *, per_class: int = 16, opts: FlowSampleOptions | N
         "num_samples": int(len(labels)),
         "gflops_per_image": flops / 1e9,
         "seconds_per_image": dt / len(labels),
-        "sampling": {"cfg": opts.cfg, "steps": opts.steps, "solver": opts.solver, "seed": seed},
+        "sampling": {"cfg": opts.cfg, "steps": opts.steps, "solver": opts.solver, "temperature": opts.temperature,
+                     "seed": seed},
         "patch_nums": list(b.ecar_cfg.patch_nums),
         "windows": [list(w) for w in b.ecar_cfg.windows],
     }
@@ -137,7 +138,8 @@ def cmd_sample(a) -> None:
     if bad:
         raise SystemExit(f"error: --labels {bad} out of range; the model has classes 0..{b.ecar_cfg.num_classes - 1}.")
     opts = FlowSampleOptions(cfg=a.cfg, steps=a.flow_steps or int(defaults.get("steps", 8)),
-                             solver=a.solver or defaults.get("solver", "euler"))
+                             solver=a.solver or defaults.get("solver", "euler"),
+                             temperature=float(defaults.get("temperature", 1.0)))
     t0 = time.time()
     imgs, lat = make_sampler(b.vae_cfg, b.ecar_cfg, opts)(b.vae_params, b.ecar_params, jnp.asarray(labels),
                                                           jax.random.PRNGKey(a.seed))

@@ -17,6 +17,7 @@ import numpy as np
 from varjax.models.var import VAR, VARConfig
 from varjax.models.vqvae import VQVAE, VQVAEConfig
 from varjax.resize import resize_area, resize_bilinear
+from varjax.xla_flags import conv_compiler_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +174,9 @@ def make_sampler(vae_cfg: VQVAEConfig, var_cfg: VARConfig, opts: SampleOptions):
     are teacher-forced at every scale and the rest generated: in-painting (keep outside a hole), out-painting
     (keep inside) and class-conditional editing (a new label for the generated region).
     """
-    return jax.jit(functools.partial(_generate, vae_cfg, sampling_config(var_cfg, opts), opts))
+    # the decode's convolutions are most of a call's time on CPU: their kernels (varjax.xla_flags)
+    return jax.jit(functools.partial(_generate, vae_cfg, sampling_config(var_cfg, opts), opts),
+                   compiler_options=conv_compiler_options())
 
 
 def mask_to_keep(mask_HW: np.ndarray, hw: int) -> np.ndarray:

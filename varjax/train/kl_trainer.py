@@ -108,7 +108,7 @@ def build_task(setup: loop.Setup, ae_cfg: KLAEConfig, lpips_params=None) -> loop
                "step": step + 1, "rng": state["rng"]}
         return new, m
 
-    return loop.Task(init_fn=init_fn, step_fn=step_fn)
+    return loop.Task(init_fn=init_fn, step_fn=step_fn, conv_bound=True)
 
 
 def model_json(ae_cfg: KLAEConfig, export_key: str) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 from varjax import paths
 from varjax.data import pipeline
 from varjax.train import checkpointing, config_utils, metrics, sharding
+from varjax.xla_flags import conv_compiler_options
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,6 +45,7 @@ class Task:
     step_fn_for: Callable[[Any], Callable] | None = None
     on_log: Callable[[int, Any, metrics.MetricsWriter], None] | None = None
     model_json: dict | None = None  # varjax_model.json written into the workdir
+    conv_bound: bool = False  # the step's time is convolutions: compiled with varjax.xla_flags' CPU kernels
 
 
 @dataclasses.dataclass
@@ -142,6 +144,7 @@ def train_and_evaluate(setup: Setup, task: Task) -> dict:
                 in_shardings=(state_shardings, batch_shard),
                 out_shardings=(state_shardings, replicated),
                 donate_argnums=0,
+                compiler_options=conv_compiler_options() if task.conv_bound else None,
             )
         return compiled[key]
 

@@ -28,6 +28,7 @@ from varjax.data import pipeline
 from varjax.models.discriminator import NLayerDiscriminator, adaptive_weight, adopt_weight, generator_loss, get_d_loss
 from varjax.models.vqvae import VQVAE, VQVAEConfig
 from varjax.train import loop, optim, sharding
+from varjax.xla_flags import conv_compiler_options
 
 VAE_FIELDS = tuple(f.name for f in dataclasses.fields(VQVAEConfig))
 # Fields of config.vae that may differ from the tokenizer named by config.init_from (they change training only).
@@ -283,11 +284,11 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, init_params=None, lpips_
     # their outputs are replicated so every process can read them.
     replicated = sharding.replicated_sharding(setup.mesh) if setup.mesh is not None else None
 
-    @functools.partial(jax.jit, out_shardings=replicated)
+    @functools.partial(jax.jit, out_shardings=replicated, compiler_options=conv_compiler_options())
     def recon_batch(params, img):
         return vae.apply({"params": params}, img, method=VQVAE.img_to_recon)
 
-    @functools.partial(jax.jit, out_shardings=replicated)
+    @functools.partial(jax.jit, out_shardings=replicated, compiler_options=conv_compiler_options())
     def psnr_sums(params, img, mask):
         rec = vae.apply({"params": params}, img, method=VQVAE.img_to_recon)
         p = psnr_01((rec + 1) / 2, (img + 1) / 2)
@@ -335,6 +336,7 @@ def build_task(setup: loop.Setup, vae_cfg: VQVAEConfig, init_params=None, lpips_
         step_fn=step_fn,
         eval_fn=eval_fn if eval_iter is not None else None,
         on_log=on_log,
+        conv_bound=True,
     )
     task.export_key = export_key
     return task
