@@ -220,7 +220,8 @@ def ecar_run(depth: int) -> ml_collections.ConfigDict:
         stage_starts=(), attn_l2_norm=True, cond_drop_rate=0.1, mlp_ratio=4.0, head_width=64 * depth,
         head_depth=6, time_dim=256, latent_shift=0.0, latent_scale=0.0, dtype="bfloat16",
     ))
-    c.sample = ml_collections.ConfigDict(dict(cfg=3.0, steps=8, solver="euler", temperature=1.0))  # defaults of `varjax sample`
+    # defaults of `varjax sample` on the model directory
+    c.sample = ml_collections.ConfigDict(dict(cfg=3.0, steps=8, solver="euler", temperature=1.0))
     return c
 
 
