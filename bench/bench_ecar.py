@@ -8,7 +8,7 @@ The three generators of the embedded main jobs, in one process on one machine, a
 * E-CAR (``configs/ecar_shapes.py``): stages 1-2-4-8, ``--steps`` flow steps per stage;
 * the flow baseline: the same transformer and flow head with a single 8x8 stage that denoises the whole
   time range [0, 1] in ``S * steps`` steps (the same number of solver steps as E-CAR in total);
-* VAR (``configs/var_shapes.py`` on ``configs/tokenizer_shapes.py``): scales 1-2-3-4-6-8, guidance 4, top-k 20.
+* VAR (``configs/var_shapes.py`` on ``configs/tokenizer_shapes.py``): scales 1-2-3-4-6-8, guidance 4, top-k 5.
 
 Sampling GFLOPs per image come from XLA's cost analysis of each compiled sampler (tokenizer decoder
 included), with the analytic split of E-CAR/baseline into transformer and flow head; seconds per image are
@@ -134,7 +134,7 @@ def bench_var(ckpt, labels) -> dict:
         vae_cfg, vae_params, var_cfg, var_params = b.vae_cfg, b.vae_params, b.var_cfg, b.var_params
     else:
         vae_cfg, vae_params, var_cfg, var_params = _random_var()
-    fn = make_var_sampler(vae_cfg, var_cfg, SampleOptions(cfg=4.0, top_k=20, top_p=0.0))
+    fn = make_var_sampler(vae_cfg, var_cfg, SampleOptions(cfg=4.0, top_k=5, top_p=0.0))  # the main job's
     flops, sec, (imgs, _) = _measure(fn, (vae_params, var_params), labels)
     return {"model": "VAR", "params": _count(var_params), "stages": list(var_cfg.patch_nums),
             "gflops_per_image": flops / 1e9, "seconds_per_image": sec,
@@ -148,13 +148,14 @@ def main() -> None:
     p.add_argument("--var", default="", help="trained VAR workdir (e.g. runs/main/var)")
     p.add_argument("--per-class", type=int, default=16)
     p.add_argument("--steps", type=int, default=8, help="E-CAR flow steps per stage")
-    p.add_argument("--cfg", type=float, default=3.0, help="guidance of the flow models")
+    p.add_argument("--cfg", type=float, default=4.0, help="guidance of the flow models (configs/ecar_shapes.py's)")
+    p.add_argument("--temperature", type=float, default=0.3, help="noise scale of the flow models' sampling")
     p.add_argument("--out", default="bench/ecar_results.json")
     a = p.parse_args()
     labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), a.per_class)
     stages = _config("ecar_shapes").model.patch_nums or (1, 2, 4, 8)
     S = len(stages)
-    ecar_opts = FlowSampleOptions(cfg=a.cfg, steps=a.steps)
+    ecar_opts = FlowSampleOptions(cfg=a.cfg, steps=a.steps, temperature=a.temperature)
     flow_opts = dataclasses.replace(ecar_opts, steps=a.steps * S)
     rows = [
         bench_flow("E-CAR", a.ecar, stages, ecar_opts, labels),
