@@ -19,13 +19,13 @@ import subprocess
 import sys
 import tempfile
 
-# (name, config, resolution, extra overrides); the recipes' own mesh / remat unless overridden
+# name -> (config, resolution); each recipe's own batch, mesh and remat unless ADJUST overrides them
 RECIPES = {
-    "d16": ("configs/var_d16.py", 256, []),
-    "d20": ("configs/var_d20.py", 256, []),
-    "d24": ("configs/var_d24.py", 256, []),
-    "d30": ("configs/var_d30.py", 256, []),
-    "d36": ("configs/var_d36.py", 512, []),
+    "d16": ("configs/var_d16.py", 256),
+    "d20": ("configs/var_d20.py", 256),
+    "d24": ("configs/var_d24.py", 256),
+    "d30": ("configs/var_d30.py", 256),
+    "d36": ("configs/var_d36.py", 512),
 }
 # per (recipe, topology) overrides where the recipe's defaults do not fit the slice's HBM
 ADJUST = {
@@ -37,12 +37,12 @@ ADJUST = {
 
 
 def compile_row(recipe: str, topology: str, extra: list[str]) -> dict:
-    config, resolution, overrides = RECIPES[recipe]
+    config, resolution = RECIPES[recipe]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "varjax", "compile", "--config", os.path.join(root, config),
                "--topology", topology, "--resolution", str(resolution), "--json", f.name,
-               "--config.data.tokens_cache=cached", *overrides, *ADJUST.get((recipe, topology), []), *extra]
+               "--config.data.tokens_cache=cached", *ADJUST.get((recipe, topology), []), *extra]
         print("$", " ".join(cmd[2:]), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         for line in proc.stdout.splitlines():
@@ -51,7 +51,8 @@ def compile_row(recipe: str, topology: str, extra: list[str]) -> dict:
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return {"recipe": recipe, "topology": topology, "error": " ".join(tail)}
-        info = json.load(open(f.name))
+        with open(f.name) as g:
+            info = json.load(g)
     info.update(recipe=recipe, command="varjax " + " ".join(cmd[3:]).replace(root + "/", ""))
     return info
 

@@ -333,6 +333,14 @@ def test_unknown_dataset_name_raises(tmp_path):
         pipeline.num_classes(cfg)
 
 
+def test_num_classes_reads_the_features_without_preparing_the_data(tmp_path):
+    # e.g. `varjax compile` for ImageNet on a host that has no ImageNet: nothing is downloaded or written
+    cfg = pipeline.default_config()
+    cfg.name, cfg.data_dir = "imagenet2012", str(tmp_path / "tfds")
+    assert pipeline.num_classes(cfg) == 1000
+    assert not (tmp_path / "tfds").exists()
+
+
 def test_token_cache(tmp_path):
     num, length = 40, 5
     tokens = np.arange(num * length, dtype=np.int32).reshape(num, length) % 4096

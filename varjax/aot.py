@@ -130,16 +130,9 @@ def _tokenizer_config(cfg, resolution: int):
     return VQVAEConfig(patch_nums=PATCH_NUMS_256 if resolution == 256 else PATCH_NUMS_512)
 
 
-KNOWN_CLASSES = {"imagenet2012": 1000, "imagenet_resized": 1000, "imagenet2012_subset": 1000}
-
-
 def _num_classes(data_cfg) -> int:
     from varjax.data import pipeline
 
-    name = data_cfg.get("name", "")
-    if name in KNOWN_CLASSES and not data_cfg.get("data_dir"):
-        # asking TFDS would create (and start preparing) the dataset's folder on a host that has no ImageNet
-        return KNOWN_CLASSES[name]
     try:
         return pipeline.num_classes(data_cfg)
     except Exception as e:  # the dataset is not on this host: ImageNet's 1000 classes

@@ -130,20 +130,25 @@ def _is_folder(cfg: ml_collections.ConfigDict) -> bool:
     return _field(cfg, "name") == "folder"
 
 
+def _tfds_lookup(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The TFDS builder named by `cfg.name`, not prepared: its `info` (features, splits' names) is readable."""
+    name, data_dir = _field(cfg, "name"), _field(cfg, "data_dir")
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(
+            f"data config: name={name!r} is neither a TFDS dataset nor 'folder' (data_dir={data_dir!r}). "
+            "Expected e.g. 'varjax_shapes/32', 'varjax_shapes/64', 'imagenet2012' or 'folder'."
+        ) from e
+
+
 def _tfds_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The TFDS builder named by `cfg.name`, prepared on first use (nothing to download for varjax_shapes).
 
     With several hosts sharing one `data_dir`, prepare it once beforehand (e.g. by calling this from a
     single process) so that they do not all write it at the same time.
     """
-    name, data_dir = _field(cfg, "name"), _field(cfg, "data_dir")
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(
-            f"data config: name={name!r} is neither a TFDS dataset nor 'folder' (data_dir={data_dir!r}). "
-            "Expected e.g. 'varjax_shapes/32', 'varjax_shapes/64', 'imagenet2012' or 'folder'."
-        ) from e
+    builder = _tfds_lookup(cfg)
     if not builder.is_prepared():
         manual_dir = _field(cfg, "manual_dir")
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -237,7 +242,7 @@ def num_classes(cfg: ml_collections.ConfigDict) -> int:
     """Number of classes of the dataset (the label feature of a TFDS dataset, or the class folders)."""
     if _is_folder(cfg):
         return len(_class_names(cfg))
-    label = _tfds_builder(cfg).info.features["label"]
+    label = _tfds_lookup(cfg).info.features["label"]  # the features are known before the data is prepared
     return int(label.num_classes)
 
 
