@@ -92,12 +92,22 @@ def _xla(q, k, v, q_level, k_level, scale):
     """One dense attention per scale of queries over the key prefix it sees: no mask, and the masked part of
     the score matrix (about 40% at 256px) is never computed. Fastest on CPU (about 1.7x the reference's speed
     for a d8 layer, forward and backward; ``jax.nn.dot_product_attention(implementation="xla")`` with the mask
-    is 1.6x slower than the reference)."""
+    is 1.6x slower than the reference).
+
+    q, k and v go to the heads-major (B, H, L, c) layout once, so each scale's two products read contiguous
+    slices and the backward pass has one transpose per tensor instead of one per scale."""
     blocks = scale_blocks(q_level, k_level)
     if blocks is None:
         return _reference(q, k, v, q_level, k_level, scale)
-    outs = [_dense(q[:, qs:qe], k[:, :ke], v[:, :ke], None, scale) for qs, qe, ke in blocks]
-    return (jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]).astype(v.dtype)
+    q_BHqc, k_BHkc, v_BHkc = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    outs = []
+    for qs, qe, ke in blocks:
+        s = jnp.einsum("bhqc,bhkc->bhqk", q_BHqc[:, :, qs:qe], k_BHkc[:, :, :ke],
+                       preferred_element_type=jnp.float32) * scale
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bhqk,bhkc->bhqc", p, v_BHkc[:, :, :ke]))
+    out_BHqc = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    return jnp.swapaxes(out_BHqc, 1, 2).astype(v.dtype)
 
 
 def _cudnn(q, k, v, q_level, k_level, scale):
