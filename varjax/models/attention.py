@@ -104,8 +104,11 @@ def _xla(q, k, v, q_level, k_level, scale):
     for qs, qe, ke in blocks:
         s = jnp.einsum("bhqc,bhkc->bhqk", q_BHqc[:, :, qs:qe], k_BHkc[:, :, :ke],
                        preferred_element_type=jnp.float32) * scale
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bhqk,bhkc->bhqc", p, v_BHkc[:, :, :ke]))
+        # softmax with the normalisation after the value product: the (l, ke) probabilities are never
+        # divided, only the (l, c) output is (the max shift cancels, so it carries no gradient)
+        e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
+        o = jnp.einsum("bhqk,bhkc->bhqc", e.astype(v.dtype), v_BHkc[:, :, :ke], preferred_element_type=jnp.float32)
+        outs.append((o / e.sum(axis=-1, keepdims=True)).astype(v.dtype))
     out_BHqc = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
     return jnp.swapaxes(out_BHqc, 1, 2).astype(v.dtype)
 
