@@ -118,3 +118,37 @@ def test_bad_levels_are_rejected():
         block_causal_attention(q, k, v, np.zeros(2, int), np.zeros(3, int), scale=1.0)
     with pytest.raises(ValueError, match="not one of"):
         block_causal_attention(q, k, v, np.zeros(3, int), np.zeros(3, int), scale=1.0, implementation="flash")
+
+
+def test_splash_under_a_mesh_runs_per_shard_and_matches_reference():
+    """Under the trainer's mesh context the splash kernel runs in a shard_map over the batch and head shards
+    (XLA cannot partition a Mosaic kernel); values and gradients still match the reference."""
+    from varjax.train import sharding
+
+    if _splash_skip():
+        pytest.skip(_splash_skip())
+    mesh = sharding.create_mesh([("data", 2), ("fsdp", 1), ("tensor", 2)], devices=jax.devices()[:4])
+    q_level, k_level = training_case()
+    q, k, v = _qkv(len(q_level), len(k_level), seed=3)
+    scale = 0.25 / np.sqrt(C)
+    ref_out, ref_grads = _loss_and_grads("reference", q, k, v, q_level, k_level, scale)
+    with sharding.mesh_rules(mesh):
+        fn = jax.jit(lambda q, k, v: _loss_and_grads("splash", q, k, v, q_level, k_level, scale))
+        hlo = fn.lower(q, k, v).as_text()
+        out, grads = fn(q, k, v)
+    assert "shard_map" in hlo or "manual" in hlo.lower()
+    np.testing.assert_allclose(np.float32(out), np.float32(ref_out), atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.float32(g), np.float32(rg), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_follows_the_target_platform():
+    """``varjax compile --topology`` traces on a CPU host what a TPU or GPU runs."""
+    from varjax.models.attention import _auto, target_platform
+
+    with target_platform("tpu"):
+        assert _auto(jnp.bfloat16) == "splash"
+        with target_platform("gpu"):
+            assert _auto(jnp.bfloat16) == "cudnn" and _auto(jnp.float32) == "xla"
+        assert _auto(jnp.float32) == "splash"
+    assert _auto(jnp.float32) == {"tpu": "splash"}.get(jax.default_backend(), "xla")

@@ -153,6 +153,7 @@ def compile_step(cfg, devices, resolution: int = 256):
     import numpy as np
     from flax.core import meta
 
+    from varjax.models import attention
     from varjax.models.vqvae import VQVAE
     from varjax.scaling.flops import train_flops_per_sequence
     from varjax.train import loop, sharding
@@ -209,7 +210,8 @@ def compile_step(cfg, devices, resolution: int = 256):
     jitted = jax.jit(
         step, in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated), donate_argnums=0
     )
-    with sharding.mesh_rules(mesh, rules):  # traced as the trainer traces it: activation constraints act
+    # traced as the trainer traces it (activation constraints act), and for the target's attention kernel
+    with sharding.mesh_rules(mesh, rules), attention.target_platform(devices[0].platform):
         lowered = jitted.lower(abstract_state, batch, vae_in)
     compiled = lowered.compile()
     compile_s = time.time() - t0

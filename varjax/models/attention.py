@@ -21,12 +21,34 @@ cached scales, where unfilled cache slots carry a level larger than any query's 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # splash tiles are multiples of the TPU lane width
+
+_TARGET_PLATFORM = contextvars.ContextVar("varjax_attention_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Trace attention for ``platform`` ('cpu', 'gpu', 'tpu') instead of this process's default backend: ``auto``
+    and splash's interpret mode follow it. For ahead-of-time compiles of devices this host does not have
+    (``varjax compile --topology v5p-64`` on a CPU host traces what a TPU runs: splash, compiled)."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def _platform() -> str:
+    return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 def block_causal_attention(q_BqHc, k_BkHc, v_BkHc, q_level, k_level, *, scale: float,
@@ -49,7 +71,7 @@ def block_causal_attention(q_BqHc, k_BkHc, v_BkHc, q_level, k_level, *, scale: f
 
 
 def _auto(dtype) -> str:
-    backend = jax.default_backend()
+    backend = _platform()
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     if backend == "tpu":
@@ -131,28 +153,37 @@ def _splash(q, k, v, q_level, k_level, scale, interpret: bool | None = None):
 
     Tokens are padded to a multiple of ``SPLASH_BLOCK``: padded keys are masked for every query, padded queries
     see the real keys (so no softmax row is empty) and are dropped afterwards. The kernel does not scale the
-    logits, so q is scaled first.
+    logits, so q is scaled first. Under a device mesh (``jax.set_mesh``, as the trainer traces) the kernel runs
+    in a ``shard_map`` over the batch and head shards of the logical rules ``batch`` and ``heads``: XLA does
+    not partition a Mosaic kernel by itself.
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    B, Lq, H, c = q.shape
-    Lk = k.shape[1]
+        interpret = _platform() != "tpu"
+    Lq, Lk = q.shape[1], k.shape[1]
     pq, pk = -Lq % SPLASH_BLOCK, -Lk % SPLASH_BLOCK
     top = int(max(q_level.max(), k_level.max()))
     ql = np.concatenate([q_level, np.full(pq, k_level.max())])
     kl = np.concatenate([k_level, np.full(pk, top + 1)])
     mask = mask_qk(ql, kl)
-    kernel = sa.make_splash_mha_single_device(
-        sa.MultiHeadMask([sa.NumpyMask(mask)] * H),
-        block_sizes=sa.BlockSizes.get_default(),
-        interpret=interpret,
-    )
+
+    def attend(q_bhLc, k_bhLc, v_bhLc):  # one device's (batch, heads) shard
+        kernel = sa.make_splash_mha_single_device(
+            sa.MultiHeadMask([sa.NumpyMask(mask)] * q_bhLc.shape[1]),
+            block_sizes=sa.BlockSizes.get_default(),
+            interpret=interpret,
+        )
+        return jax.vmap(kernel)(q_bhLc, k_bhLc, v_bhLc)
 
     def to_hlc(x, pad):  # (B, L, H, c) -> (B, H, L + pad, c)
         return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
 
-    qs = to_hlc((q.astype(jnp.float32) * scale).astype(q.dtype), pq)
-    out = jax.vmap(kernel)(qs, to_hlc(k, pk), to_hlc(v, pk))  # (B, H, Lq + pq, c)
+    args = (to_hlc((q.astype(jnp.float32) * scale).astype(q.dtype), pq), to_hlc(k, pk), to_hlc(v, pk))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = attend(*args)
+    else:
+        spec = nn.logical_to_mesh_axes(("batch", "heads", None, None))
+        out = jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(*args)
     return jnp.swapaxes(out[:, :, :Lq], 1, 2).astype(v.dtype)
