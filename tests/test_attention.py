@@ -125,8 +125,9 @@ def test_splash_under_a_mesh_runs_per_shard_and_matches_reference():
     (XLA cannot partition a Mosaic kernel); values and gradients still match the reference."""
     from varjax.train import sharding
 
-    if _splash_skip():
-        pytest.skip(_splash_skip())
+    skip = _splash_skip()
+    if skip:
+        pytest.skip(skip)
     mesh = sharding.create_mesh([("data", 2), ("fsdp", 1), ("tensor", 2)], devices=jax.devices()[:4])
     q_level, k_level = training_case()
     q, k, v = _qkv(len(q_level), len(k_level), seed=3)

@@ -132,7 +132,7 @@ def _xla(q, k, v, q_level, k_level, scale):
         o = jnp.einsum("bhqk,bhkc->bhqc", e.astype(v.dtype), v_BHkc[:, :, :ke], preferred_element_type=jnp.float32)
         outs.append((o / e.sum(axis=-1, keepdims=True)).astype(v.dtype))
     out_BHqc = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
-    return jnp.swapaxes(out_BHqc, 1, 2).astype(v.dtype)
+    return jnp.swapaxes(out_BHqc, 1, 2)
 
 
 def _cudnn(q, k, v, q_level, k_level, scale):
