@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import flax.linen as nn
 import jax
@@ -110,6 +111,33 @@ def scale_blocks(q_level: np.ndarray, k_level: np.ndarray) -> list[tuple[int, in
     return [(int(a), int(b), int(e)) for a, b, e in zip(starts, ends, k_ends, strict=True)]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def key_prefixes(x_BHLc: jax.Array, ends: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """The prefixes ``x[:, :, :e]`` for each ``e`` in ``ends``.
+
+    The gradient is accumulated in place, the longest prefix's gradient first and each shorter one added into
+    its leading rows. Differentiating the slices directly pads every prefix's gradient to the full length
+    and sums the padded copies: one full-size buffer per scale and per tensor.
+    """
+    return tuple(x_BHLc[:, :, :e] for e in ends)
+
+
+def _key_prefixes_fwd(x_BHLc, ends):
+    return key_prefixes(x_BHLc, ends), x_BHLc.shape[2]
+
+
+def _key_prefixes_bwd(ends, length, grads):
+    order = sorted(range(len(ends)), key=lambda i: -ends[i])
+    dx = grads[order[0]]
+    dx = jnp.pad(dx, ((0, 0), (0, 0), (0, length - dx.shape[2]), (0, 0)))
+    for i in order[1:]:
+        dx = jax.lax.dynamic_update_slice_in_dim(dx, dx[:, :, : ends[i]] + grads[i], 0, axis=2)
+    return (dx,)
+
+
+key_prefixes.defvjp(_key_prefixes_fwd, _key_prefixes_bwd)
+
+
 def _xla(q, k, v, q_level, k_level, scale):
     """One dense attention per scale of queries over the key prefix it sees: no mask, and the masked part of
     the score matrix (about 40% at 256px) is never computed. Fastest on CPU (about 1.7x the reference's speed
@@ -122,14 +150,15 @@ def _xla(q, k, v, q_level, k_level, scale):
     if blocks is None:
         return _reference(q, k, v, q_level, k_level, scale)
     q_BHqc, k_BHkc, v_BHkc = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    k_ends = tuple(ke for _, _, ke in blocks)
+    k_prefixes, v_prefixes = key_prefixes(k_BHkc, k_ends), key_prefixes(v_BHkc, k_ends)
     outs = []
-    for qs, qe, ke in blocks:
-        s = jnp.einsum("bhqc,bhkc->bhqk", q_BHqc[:, :, qs:qe], k_BHkc[:, :, :ke],
-                       preferred_element_type=jnp.float32) * scale
+    for (qs, qe, _), k_BHec, v_BHec in zip(blocks, k_prefixes, v_prefixes, strict=True):
+        s = jnp.einsum("bhqc,bhkc->bhqk", q_BHqc[:, :, qs:qe], k_BHec, preferred_element_type=jnp.float32) * scale
         # softmax with the normalisation after the value product: the (l, ke) probabilities are never
         # divided, only the (l, c) output is (the max shift cancels, so it carries no gradient)
         e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
-        o = jnp.einsum("bhqk,bhkc->bhqc", e.astype(v.dtype), v_BHkc[:, :, :ke], preferred_element_type=jnp.float32)
+        o = jnp.einsum("bhqk,bhkc->bhqc", e.astype(v.dtype), v_BHec, preferred_element_type=jnp.float32)
         outs.append((o / e.sum(axis=-1, keepdims=True)).astype(v.dtype))
     out_BHqc = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
     return jnp.swapaxes(out_BHqc, 1, 2)
