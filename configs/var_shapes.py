@@ -22,13 +22,15 @@ def get_config(arg=None):
     c.data.mid_reso = 1.0  # the shapes are drawn at the training resolution; no crop jitter needed
     c.data.shuffle_buffer = 4096
     c.batch_size = 32
-    c.total_steps = 2600
-    c.tblr = 1e-3 * 256 / 32  # lr 1e-3 at batch 32: a small model on a small dataset tolerates a large lr
+    c.total_steps = 2200
+    # lr 4e-3 at batch 32: this small model learns faster with a large lr. Same tokens, 2,600 steps: final
+    # loss 1.95 at 1e-3, 1.81 at 2e-3, 1.75 at 4e-3 and at 8e-3.
+    c.tblr = 4e-3 * 256 / 32
     c.opt.wpe = 0.05
     c.opt.warmup_fraction = 0.03
     c.log_every = 50
-    c.ckpt_every = 325
-    c.eval_every = 1300
+    c.ckpt_every = 275
+    c.eval_every = 1100
     if a.runlocal:
         c.data.name = "varjax_shapes/tiny"
         c.batch_size = 8
