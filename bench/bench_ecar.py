@@ -134,7 +134,7 @@ def bench_var(ckpt, labels) -> dict:
         vae_cfg, vae_params, var_cfg, var_params = b.vae_cfg, b.vae_params, b.var_cfg, b.var_params
     else:
         vae_cfg, vae_params, var_cfg, var_params = _random_var()
-    fn = make_var_sampler(vae_cfg, var_cfg, SampleOptions(cfg=4.0, top_k=5, top_p=0.0))  # the main job's
+    fn = make_var_sampler(vae_cfg, var_cfg, SampleOptions(cfg=4.0, top_k=5, top_p=0.0))  # as in the README table
     flops, sec, (imgs, _) = _measure(fn, (vae_params, var_params), labels)
     return {"model": "VAR", "params": _count(var_params), "stages": list(var_cfg.patch_nums),
             "gflops_per_image": flops / 1e9, "seconds_per_image": sec,
