@@ -268,15 +268,16 @@ class AdaLNSelfAttn(nn.Module):
         c = self.cfg
         C = c.embed_dim
         rate = self.drop_path_rate if dpr is None else dpr
-        if mods is None and c.shared_aln:
-            ada_gss = self.param(
-                "ada_gss",
-                nn.with_logical_partitioning(_ada_gss_init(c), (None, None, "chunks", "embed")),
-                (1, 1, 6, C),
-            )
-            mods = ada_gss + cond
-        elif mods is None:
-            mods = _ada_lin6(c, "ada_lin", self.dtype)(nn.silu(cond))[:, None]  # (B, 1, 6, C)
+        if mods is None:
+            if c.shared_aln:
+                ada_gss = self.param(
+                    "ada_gss",
+                    nn.with_logical_partitioning(_ada_gss_init(c), (None, None, "chunks", "embed")),
+                    (1, 1, 6, C),
+                )
+                mods = ada_gss + cond
+            else:
+                mods = _ada_lin6(c, "ada_lin", self.dtype)(nn.silu(cond))[:, None]  # (B, 1, 6, C)
         mods = mods.astype(jnp.float32)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (mods[:, :, i] for i in range(6))
         ln = _layer_norm(c.norm_eps)
@@ -359,8 +360,9 @@ def _modulate_bwd(res, g_NBKC):
     x_NBD = jnp.broadcast_to(x_BD[None], (N, B, D))
     dkernel_NDk = jax.lax.dot_general(x_NBD, g_NBk, (((1,), (1,)), ((0,), (0,))))
     dx_NDB = jax.lax.dot_general(kernel_NDk, g_NBk, (((2,), (2,)), ((0,), (0,))))
-    return (dx_NDB.sum(axis=0).T.astype(x_BD.dtype), dkernel_NDk.reshape(kernel_NDKC.shape).astype(kernel_NDKC.dtype),
-            g_NBKC.sum(axis=1))
+    dx_BD = dx_NDB.sum(axis=0).T.astype(x_BD.dtype)
+    dkernel_NDKC = dkernel_NDk.reshape(kernel_NDKC.shape).astype(kernel_NDKC.dtype)
+    return dx_BD, dkernel_NDKC, g_NBKC.sum(axis=1)
 
 
 _modulate.defvjp(_modulate_fwd, _modulate_bwd)
