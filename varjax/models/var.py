@@ -130,14 +130,8 @@ def _scaled(init, factor: float):
 
 
 def _dense(features, names, std, name, use_bias=True, scale=1.0, dtype=None):
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        name=name,
-        kernel_init=nn.with_logical_partitioning(_scaled(_trunc_normal(std), scale), names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)),
-    )
+    """Linear C -> ``features`` with the parameters of ``nn.Dense`` (kernel (C, F), bias (F,))."""
+    return SplitDense((features,), names, _scaled(_trunc_normal(std), scale), use_bias, dtype, name=name)
 
 
 class SplitDense(nn.Module):
@@ -164,7 +158,10 @@ class SplitDense(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[1:]),
                               self.features)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        # One (N, C) row per token: with the leading axes merged, the kernel gradient is a plain (C, N) x (N, F)
+        # product. XLA:CPU otherwise copies the activations and gradients into a transposed layout for it.
+        y = jax.lax.dot_general(x.reshape(-1, C), kernel, (((1,), (0,)), ((), ())))
+        y = y.reshape(*x.shape[:-1], *self.features)
         return y if bias is None else y + bias
 
 
