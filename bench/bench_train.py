@@ -39,8 +39,8 @@ def peak_tflops(device) -> float | None:
     return None
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str = __doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=16)
     p.add_argument("--width", type=int, default=None, help="embed_dim (default 64 * depth)")
     p.add_argument("--heads", type=int, default=None, help="default: depth")
@@ -56,14 +56,16 @@ def main(argv=None) -> dict:
     p.add_argument("--attention", default="auto", help="config.model.attention: auto, reference, xla, cudnn, splash")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device (overrides the table)")
     p.add_argument("--json", default=None, help="also write the results here")
-    a = p.parse_args(argv)
+    return p
 
+
+def build(a: argparse.Namespace):
+    """-> (jitted step, sharded state, a few global batches, VARConfig) for the parsed flags ``a``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from varjax.models.vqvae import VQVAE, VQVAEConfig
-    from varjax.scaling import flops
     from varjax.train import loop, sharding
     from varjax.train.config_base import var_run
     from varjax.train.var_trainer import build_task, var_config_from
@@ -105,7 +107,18 @@ def main(argv=None) -> dict:
              "label": rng.integers(0, a.num_classes, (a.batch_size,), dtype=np.int32)}
         return sharding.make_global_batch(b, mesh)
 
-    batches = [batch() for _ in range(min(a.steps, 4))]
+    return step, state, [batch() for _ in range(min(a.steps, 4))], model_cfg
+
+
+def main(argv=None) -> dict:
+    a = parser().parse_args(argv)
+    import jax
+    import numpy as np
+
+    from varjax.scaling import flops
+
+    step, state, batches, model_cfg = build(a)
+    L = model_cfg.L
     t0 = time.perf_counter()
     state, m = step(state, batches[0])
     jax.block_until_ready(m)

@@ -24,6 +24,28 @@ import sys
 import time
 
 
+def op_category(name: str) -> str:
+    """bench/profile_train.py's categories for a torch op (its self time, so nested ops are not counted twice)."""
+    if "scaled_dot_product" in name or "flash_attention" in name or name in ("aten::bmm", "aten::baddbmm"):
+        return "attention"
+    if name in ("aten::mm", "aten::addmm"):
+        return "weight products"
+    return "other"
+
+
+def profile_split(call, sync) -> dict[str, float]:
+    """Seconds of op self time per category over one call; torch's eager ops run one after another on CPU."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+        sync()
+    split = {"weight products": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        split[op_category(e.key)] += e.self_cpu_time_total / 1e6
+    return split
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--var-repo", required=True, help="checkout of https://github.com/FoundationVision/VAR")
@@ -37,6 +59,8 @@ def main(argv=None) -> dict:
     p.add_argument("--top-p", type=float, default=0.96)
     p.add_argument("--dtype", default="float32", help="float32, or bfloat16/float16 autocast (CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--profile", action="store_true",
+                   help="also run one call under torch.profiler and split its op time as bench/profile_train.py")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -138,6 +162,8 @@ def main(argv=None) -> dict:
     }
     if a.what == "train":
         res["tokens_per_s"] = B * L / med
+    if a.profile:
+        res["profile_s"] = profile_split(call, sync)
     for k, v in res.items():
         print(f"{k:>16}: {v:.4g}" if isinstance(v, float) else f"{k:>16}: {v}")
     if a.json:

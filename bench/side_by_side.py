@@ -15,6 +15,10 @@ Benchmarks (random weights, float32, 256px schedule, d8 = width 512, 8 heads, 10
 Each number is a median over ``--steps`` calls after a warm-up call; the runs alternate between the two
 implementations, benchmark by benchmark, so both see the same machine load. The ratio is varjax / official
 (< 1: varjax is faster).
+
+``--profile`` also splits one training step of each by kind of work (weight products, attention, the rest):
+varjax with ``bench/profile_train.py`` (wall time shared among concurrently running XLA ops), the official code
+with ``torch.profiler`` (op self time; its eager ops run one after another).
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ def main(argv=None) -> dict:
     p.add_argument("--only", default="train,sample,decode", help="comma-separated subset of train,sample,decode")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark process")
     p.add_argument("--platform", default="cpu", help="JAX_PLATFORMS for varjax (cpu, cuda, tpu)")
+    p.add_argument("--profile", action="store_true", help="also split one training step of each by kind of work")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     names = [n for n in a.only.split(",") if n]
@@ -115,8 +120,10 @@ def main(argv=None) -> dict:
         vj_args, off_args, key = BENCHES[name]
         steps = ["--steps", str(a.steps)]
         vj = _run([a.varjax_python, os.path.join(HERE, vj_args[0]), *vj_args[1:], *steps], env, a.timeout)
+        prof = ["--profile"] if a.profile and name == "train" else []
         off = _run(
-            [a.torch_python, os.path.join(HERE, "official_bench.py"), "--var-repo", a.var_repo, *off_args, *steps],
+            [a.torch_python, os.path.join(HERE, "official_bench.py"), "--var-repo", a.var_repo, *off_args, *steps,
+             *prof],
             env,
             a.timeout,
         )
@@ -127,6 +134,12 @@ def main(argv=None) -> dict:
             f"ratio {ratio:.2f}   (load {_load()})",
             flush=True,
         )
+        if prof:
+            vp = _run([a.varjax_python, os.path.join(HERE, "profile_train.py"), *vj_args[1:]], env, a.timeout)
+            vj["profile_s"] = {**vp["wall_s"], "no op running": vp["idle_s"]}
+            for k in sorted(set(vj["profile_s"]) | set(off["profile_s"])):
+                print(f"[side-by-side] train  {k:16s} varjax {vj['profile_s'].get(k, 0.0):6.2f} s   "
+                      f"official {off['profile_s'].get(k, 0.0):6.2f} s", flush=True)
         if a.json:  # after every benchmark, so a long run that is stopped keeps what it measured
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=2)
