@@ -3,7 +3,7 @@
     python bench/profile_train.py --depth 8 --batch-size 4 --dtype float32 --scan-layers --remat dots \\
         [--json F] [--png F] [--trace-dir DIR]
 
-Takes the step of ``bench_train.py`` (same flags), runs it twice to compile and warm up, then once under
+Takes the step of ``bench_train.py`` (same flags), compiles it once, runs it twice to warm up, then once under
 ``jax.profiler`` and splits that step's wall time among the compiled program's ops.
 
 Why not sum op durations: XLA:CPU runs independent ops at the same time, and runs matmuls with a transposed
@@ -57,9 +57,9 @@ def category(hlo_name: str, op_name: str) -> str:
 def op_intervals(events: list[dict], ops: dict[str, str]) -> list[tuple[float, float, str]]:
     """(start_us, end_us, hlo_name) of every op event; an asynchronous op ends at its matching ``end:`` event."""
     events = sorted((e for e in events if e.get("ph") == "X" and "dur" in e), key=lambda e: e["ts"])
-    ends = collections.defaultdict(collections.deque)
+    ends = collections.defaultdict(collections.deque)  # asynchronous matmul -> its end times, in order
     for e in events:
-        if e["name"].startswith("end: ") and e["name"][5:] in ops:
+        if e["name"].startswith("end: dot") and e["name"][5:] in ops:
             ends[e["name"][5:]].append(e["ts"] + e["dur"])
     out = []
     for e in events:
@@ -67,10 +67,10 @@ def op_intervals(events: list[dict], ops: dict[str, str]) -> list[tuple[float, f
         if name not in ops:
             continue
         start, end = e["ts"], e["ts"] + e["dur"]
-        pending = ends[name]
+        pending = ends.get(name)
         while pending and pending[0] < start:
             pending.popleft()
-        if name.startswith("dot") and pending:  # asynchronous matmul: done at its end event
+        if pending:  # done at its own end event, the first one after it started
             end = max(end, pending.popleft())
         out.append((start, end, name))
     return out
@@ -141,13 +141,14 @@ def main(argv=None) -> dict:
     import jax
 
     step, state, batches, model_cfg = bench_train.build(a)
-    ops = hlo_op_names(step.lower(state, batches[0]).compile().as_text())
-    for b in batches[:2]:  # compile, then one warm step
-        state, m = step(state, b)
+    compiled = step.lower(state, batches[0]).compile()  # one compile: its HLO names the ops in the trace
+    ops = hlo_op_names(compiled.as_text())
+    for b in batches[:2]:  # warm-up steps
+        state, m = compiled(state, b)
         jax.block_until_ready((state, m))
     trace_dir = a.trace_dir or tempfile.mkdtemp(prefix="varjax_profile_")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        state, m = step(state, batches[0])
+        state, m = compiled(state, batches[0])
         jax.block_until_ready((state, m))
     files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
