@@ -899,15 +899,18 @@ def _p_call(func: bytes, args: Sequence[bytes]) -> bytes:
     return func + _p_tuple(args) + b"R"  # REDUCE
 
 
-def _p_tensor(layout: _TensorLayout, storage: np.ndarray) -> bytes:
-    """Pickle opcodes of one tensor, exactly as torch.save writes them (v3 for dtypes without a storage class)."""
+def _p_tensor(layout: _TensorLayout, storage: np.ndarray, location: str = "cpu") -> bytes:
+    """Pickle opcodes of one tensor, exactly as torch.save writes them (v3 for dtypes without a storage class).
+
+    `location` is the device torch records for the storage ('cpu', 'cuda:0', ...); readers may ignore it.
+    """
     legacy_name = _STORAGE_NAME_OF_DTYPE.get(storage.dtype)
     if legacy_name is not None:
         storage_type, numel, rebuild = _p_global("torch", legacy_name), storage.size, "_rebuild_tensor_v2"
     else:
         storage_type, numel, rebuild = _p_global(*_UNTYPED_STORAGE), storage.nbytes, "_rebuild_tensor_v3"
     persistent_id = _p_tuple(
-        [_p_str("storage"), storage_type, _p_str(str(layout.storage)), _p_str("cpu"), _p_int(numel)]
+        [_p_str("storage"), storage_type, _p_str(str(layout.storage)), _p_str(location), _p_int(numel)]
     )
     args = [
         persistent_id + b"Q",  # BINPERSID
@@ -922,11 +925,75 @@ def _p_tensor(layout: _TensorLayout, storage: np.ndarray) -> bytes:
     return _p_call(_p_global("torch._utils", rebuild), args)
 
 
-def _state_dict_pickle(layouts: Mapping[str, _TensorLayout], storages: Sequence[np.ndarray]) -> bytes:
-    """Protocol-2 pickle of an OrderedDict {name: tensor}, the layout of `torch.save(model.state_dict())`."""
-    items = b"".join(_p_str(name) + _p_tensor(lay, storages[lay.storage]) for name, lay in layouts.items())
-    setitems = b"(" + items + b"u" if layouts else b""  # MARK ... SETITEMS
-    return b"\x80\x02" + _p_call(_p_global("collections", "OrderedDict"), []) + setitems + b"."
+_PLAIN_TYPES = (type(None), bool, int, float, str)
+
+
+class _TreePickler:
+    """Protocol-2 pickle of nested dicts, lists and tuples of plain values and arrays, as torch.save writes it.
+
+    Every array becomes a tensor on a storage of its own (collected in `storages`, 1-D little-endian). No
+    memo is used, so a container reached twice is written twice; a container holding itself is refused.
+    Scalars are plain only by exact type (None, bool, int, float, str): numpy scalars become 0-d tensors.
+    """
+
+    def __init__(self, location: str = "cpu"):
+        self.location = location
+        self.storages: list[np.ndarray] = []
+        self._open: set[int] = set()  # ids of the containers being written (cycle check)
+
+    def dump(self, obj: Any) -> bytes:
+        return b"\x80\x02" + self._value(obj, "the object") + b"."  # PROTO 2 ... STOP
+
+    def _value(self, value: Any, where: str) -> bytes:
+        if type(value) in _PLAIN_TYPES:
+            return self._plain(value)
+        if hasattr(value, "__array__"):
+            storage = _to_storage(where, value)
+            layout = _TensorLayout(len(self.storages), 0, storage.shape, _c_strides(storage.shape))
+            self.storages.append(storage.reshape(-1))
+            return _p_tensor(layout, storage, self.location)
+        if not isinstance(value, dict | list | tuple):
+            raise ValueError(
+                f"{where} is a {type(value).__name__}; a torch checkpoint written here holds only dicts, lists, "
+                "tuples, None, bool, int, float, str and arrays"
+            )
+        if id(value) in self._open:
+            raise ValueError(f"{where} contains itself; only trees of containers can be written")
+        self._open.add(id(value))
+        try:
+            return self._container(value, where)
+        finally:
+            self._open.discard(id(value))
+
+    @staticmethod
+    def _plain(value: Any) -> bytes:
+        if value is None:
+            return b"N"  # NONE
+        if type(value) is bool:
+            return b"\x88" if value else b"\x89"  # NEWTRUE / NEWFALSE
+        if type(value) is int:
+            return _p_int(value)
+        if type(value) is float:
+            return b"G" + struct.pack(">d", value)  # BINFLOAT
+        return _p_str(value)
+
+    def _container(self, value: dict | list | tuple, where: str) -> bytes:
+        if isinstance(value, tuple):
+            return _p_tuple([self._value(v, f"{where}[{i}]") for i, v in enumerate(value)])
+        if isinstance(value, list):
+            items = b"".join(self._value(v, f"{where}[{i}]") for i, v in enumerate(value))
+            return b"]" + (b"(" + items + b"e" if value else b"")  # EMPTY_LIST MARK ... APPENDS
+        pairs = []
+        for k, v in value.items():
+            if type(k) not in _PLAIN_TYPES:  # optimizer states key parameters by int; nothing needs more
+                raise ValueError(
+                    f"{where} has the key {k!r} ({type(k).__name__}); keys must be str, int, float, bool or None"
+                )
+            pairs.append(self._plain(k) + self._value(v, f"{where}[{k!r}]"))
+        setitems = b"(" + b"".join(pairs) + b"u" if pairs else b""  # MARK ... SETITEMS
+        if isinstance(value, OrderedDict):  # torch.save(model.state_dict()) pickles an OrderedDict
+            return _p_call(_p_global("collections", "OrderedDict"), []) + setitems
+        return b"}" + setitems  # EMPTY_DICT
 
 
 def _aligned_info(name: str, header_offset: int, size: int) -> zipfile.ZipInfo:
@@ -940,10 +1007,11 @@ def _aligned_info(name: str, header_offset: int, size: int) -> zipfile.ZipInfo:
     return info
 
 
-def _write_torch_zip(path: PathLike, layouts: Mapping[str, _TensorLayout], storages: Sequence[np.ndarray]):
-    """Writes a torch zip archive of `storages` (1-D little-endian arrays) and tensors viewing them."""
+def _write_torch_zip(path: PathLike, data_pkl: bytes, storages: Sequence[np.ndarray]):
+    """Writes a torch zip archive: the object pickle `data_pkl` and the `storages` (1-D little-endian arrays)
+    its persistent ids name by index."""
     records: list[tuple[str, bytes | memoryview]] = [
-        ("data.pkl", _state_dict_pickle(layouts, storages)),
+        ("data.pkl", data_pkl),
         (".format_version", b"1"),
         (".storage_alignment", str(_STORAGE_ALIGNMENT).encode()),
         ("byteorder", b"little"),
@@ -961,15 +1029,15 @@ def _write_torch_zip(path: PathLike, layouts: Mapping[str, _TensorLayout], stora
             os.remove(partial)
 
 
-def _to_storage(name: str, value: Any) -> np.ndarray:
-    """`value` as a contiguous little-endian array of a dtype torch can hold; ValueError otherwise."""
+def _to_storage(what: str, value: Any) -> np.ndarray:
+    """`value` (described as `what` in errors) as a contiguous little-endian array of a dtype torch can hold."""
     if not hasattr(value, "__array__"):  # numpy and jax arrays; a bare Python number has no dtype to keep
-        raise ValueError(f"state dict entry {name!r} is a {_describe(value)}; expected an array")
+        raise ValueError(f"{what} is a {_describe(value)}; expected an array")
     array = np.asarray(value)
     dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder not in ("|", "=") else array.dtype
     if dtype not in _STORAGE_NAME_OF_DTYPE and dtype not in _V3_NAME_OF_DTYPE:
         supported = sorted({str(d) for d in (*_STORAGE_DTYPES.values(), *_V3_DTYPES.values())})
-        raise ValueError(f"state dict entry {name!r} has dtype {array.dtype}; torch tensors support {supported}")
+        raise ValueError(f"{what} has dtype {array.dtype}; torch tensors support {supported}")
     return np.asarray(array, dtype=dtype, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
 
 
@@ -986,11 +1054,32 @@ def save_state_dict_pth(path: PathLike, state_dict: Mapping[str, Any]) -> None:
       path: output file.
       state_dict: str -> array-like of bool, (u)int8/16/32/64, float16/32/64, bfloat16, float8 or complex.
     """
-    storages, layouts = [], {}
+    tensors = OrderedDict()
     for name, value in state_dict.items():
         if not isinstance(name, str):
             raise ValueError(f"state dict key {name!r} is a {type(name).__name__}; keys must be strings")
-        storage = _to_storage(name, value)
-        layouts[name] = _TensorLayout(len(storages), 0, storage.shape, _c_strides(storage.shape))
-        storages.append(storage.reshape(-1))
-    _write_torch_zip(path, layouts, storages)
+        tensors[name] = _to_storage(f"state dict entry {name!r}", value)
+    pickler = _TreePickler()
+    data_pkl = pickler.dump(tensors)
+    _write_torch_zip(path, data_pkl, pickler.storages)
+
+
+def save_torch_pickle(path: PathLike, obj: Any, location: str = "cpu") -> None:
+    """Writes a nested object as `torch.save(obj, path)` would (zip format, no torch needed).
+
+    For checkpoints that hold more than one state dict, e.g. a training checkpoint {'epoch': 3, 'trainer':
+    {'model': {...}, 'opt': {'state': {0: {...}}, 'param_groups': [...]}}, 'args': OrderedDict(...)}. It
+    loads with `torch.load(path, weights_only=True)` and with `load_torch_pickle` / `TorchCheckpoint`.
+
+    Args:
+      path: output file.
+      obj: dicts (OrderedDicts stay OrderedDicts; keys None, bool, int, float or str), lists and tuples of
+        None, bool, int, float, str and arrays. Every array (numpy scalars included) becomes its own
+        C-contiguous tensor; the dtypes are those of `save_state_dict_pth`.
+      location: the device recorded for every storage, e.g. 'cuda:0' as in files saved from a GPU.
+    Raises:
+      ValueError: a value of another type, an unsupported dtype or a container that holds itself.
+    """
+    pickler = _TreePickler(location)
+    data_pkl = pickler.dump(obj)  # checked in full before the file is created
+    _write_torch_zip(path, data_pkl, pickler.storages)
