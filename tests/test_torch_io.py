@@ -19,7 +19,14 @@ import pytest
 import safetensors.numpy
 
 from tests.conftest import GOLDEN
-from varjax.torch_io import UnsafeCheckpointError, load_state_dict, load_torch_pickle, save_state_dict_pth
+from varjax.torch_io import (
+    TorchCheckpoint,
+    UnsafeCheckpointError,
+    load_state_dict,
+    load_torch_pickle,
+    save_state_dict_pth,
+    save_torch_pickle,
+)
 
 # ------------------------------------------------------------------------------ hand-written pickles
 
@@ -209,6 +216,93 @@ def test_save_refuses_unsupported_values(tmp_path):
         save_state_dict_pth(tmp_path / "x.pth", {"f": 1.5})
     with pytest.raises(ValueError, match=r"key 3 is a int"):
         save_state_dict_pth(tmp_path / "x.pth", {3: np.ones(2)})
+    assert not os.listdir(tmp_path)
+
+
+def _training_checkpoint():
+    """Nested like a training checkpoint: int-keyed optimizer state, tuples, OrderedDicts, plain values."""
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    return {
+        "epoch": 3,
+        "trainer": {
+            "model": OrderedDict([("w", w), ("b", np.zeros(3, ml_dtypes.bfloat16))]),
+            "opt": {
+                "state": {0: {"step": np.array(2.0, np.float32), "exp_avg": w * 0.5}},
+                "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95), "foreach": None, "fused": True, "params": [0]}],
+            },
+            "scaler": {},
+        },
+        "args": OrderedDict([("pn", "1_2_3"), ("patch_nums", (1, 2, 3)), ("seed", None), ("huge", 2**70)]),
+        "history": [[], (), "é", -0.0, float("inf"), -(2**40)],
+    }
+
+
+def _assert_same_tree(got, want):
+    assert type(got) is type(want), (got, want)
+    if isinstance(want, dict):
+        assert list(got) == list(want)
+        for k in want:
+            _assert_same_tree(got[k], want[k])
+    elif isinstance(want, list | tuple):
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            _assert_same_tree(a, b)
+    elif isinstance(want, np.ndarray):
+        assert (got.dtype, got.shape) == (want.dtype, want.shape) and got.tobytes() == want.tobytes()
+    else:
+        assert repr(got) == repr(want)
+
+
+@pytest.mark.parametrize("location", ["cpu", "cuda:0"])
+def test_nested_checkpoint_round_trip(tmp_path, location):
+    obj = _training_checkpoint()
+    path = tmp_path / "ckpt.pth"
+    save_torch_pickle(path, obj, location=location)
+    _assert_same_tree(load_torch_pickle(path), obj)
+    with zipfile.ZipFile(path) as z:
+        ops = list(pickletools.genops(z.read("archive/data.pkl")))
+    assert {arg for op, arg, _ in ops if op.name == "GLOBAL"} == {
+        "collections OrderedDict",
+        "torch._utils _rebuild_tensor_v2",
+        "torch FloatStorage",
+        "torch BFloat16Storage",
+    }
+    assert location in {arg for op, arg, _ in ops if op.name == "BINUNICODE"}
+
+
+def test_checkpoint_reads_only_the_selected_parts(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    save_torch_pickle(path, _training_checkpoint())
+    with TorchCheckpoint(path) as ckpt:
+        assert ckpt.has("trainer.model") and ckpt.has("epoch") and not ckpt.has("trainer.ema")
+        assert ckpt.value("epoch") == 3 and ckpt.value("args")["patch_nums"] == (1, 2, 3)
+        assert list(ckpt.state_dict("trainer.model")) == ["w", "b"]
+        trainer = ckpt.value("trainer")  # read as arrays, then still selectable as a state dict
+        np.testing.assert_array_equal(trainer["opt"]["state"][0]["exp_avg"], np.arange(6).reshape(2, 3) * 0.5)
+        np.testing.assert_array_equal(ckpt.state_dict("trainer.model")["w"], trainer["model"]["w"])
+    with pytest.raises(ValueError, match=r"safetensors file, not a torch pickle"):
+        st = tmp_path / "w.safetensors"
+        safetensors.numpy.save_file({"w": np.zeros(2, np.float32)}, str(st))
+        TorchCheckpoint(st)
+
+
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        ({"s": {1, 2}}, r"the object\['s'\] is a set"),
+        ({"k": [object()]}, r"the object\['k'\]\[0\] is a object"),
+        ({(1, 2): 3}, r"has the key \(1, 2\) \(tuple\)"),
+        ({"b": b"raw"}, r"is a bytes"),
+        ({"u": np.array(["a"])}, r"the object\['u'\] has dtype <U1"),
+    ],
+)
+def test_nested_writer_refuses_what_it_cannot_write(tmp_path, obj, message):
+    with pytest.raises(ValueError, match=message):
+        save_torch_pickle(tmp_path / "x.pth", obj)
+    cyclic = {"a": []}
+    cyclic["a"].append(cyclic)
+    with pytest.raises(ValueError, match=r"contains itself"):
+        save_torch_pickle(tmp_path / "x.pth", cyclic)
     assert not os.listdir(tmp_path)
 
 

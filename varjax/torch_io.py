@@ -812,6 +812,65 @@ def _materialize_tree(tree: Any, archive: _TorchSource, source: str) -> Any:
     return convert(tree)
 
 
+class TorchCheckpoint:
+    """An open `torch.save` file whose pickle the restricted unpickler has read; tensor bytes are read on demand.
+
+    Unpickling once and reading only the selected tensors suits files holding more than one state dict, e.g.
+    a training checkpoint {'epoch': ..., 'trainer': {'var_wo_ddp': {...}, 'var_opt': {...}}, 'args': {...}},
+    whose optimizer moments need never be read. Use it as a context manager::
+
+        with TorchCheckpoint(path) as ckpt:
+            if ckpt.has("trainer.var_wo_ddp"):
+                sd, epoch = ckpt.state_dict("trainer.var_wo_ddp"), ckpt.value("epoch")
+
+    Dotted keys follow the rules of `load_state_dict`.
+
+    Raises (on opening):
+      UnsafeCheckpointError: the pickle names a global outside the state-dict allow-list.
+      ValueError: the file is a safetensors file, not a torch checkpoint, or malformed.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = os.fspath(path)
+        fmt = _sniff_format(self.path)
+        if fmt == "safetensors":
+            raise ValueError(f"{self.path}: is a safetensors file, not a torch pickle; use load_state_dict.")
+        self._source = _open_torch(self.path, fmt)
+        try:
+            self._tree = self._source.unpickle()  # tensors stay `_TensorRecord`s until selected
+        except BaseException:
+            self._source.close()
+            raise
+
+    def close(self) -> None:
+        self._source.close()
+
+    def __enter__(self) -> TorchCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def has(self, key: str) -> bool:
+        """Whether dotted `key` names an entry (a nested dict, tensor or plain value) of the pickled object."""
+        try:
+            _select_by_key(self._tree, key, self.path)
+        except ValueError:
+            return False
+        return True
+
+    def state_dict(self, key: str | None = None) -> dict[str, np.ndarray]:
+        """The flat {name: array} state dict at `key`, as `load_state_dict(path, key)` returns it."""
+        chosen = _select_state_dict(self._tree, key, self.path)
+        # A tensor already materialized by `value` (which converts dicts in place) is returned as it is.
+        return {n: self._source.materialize(r) if isinstance(r, _TensorRecord) else r for n, r in chosen.items()}
+
+    def value(self, key: str | None = None) -> Any:
+        """The entry at dotted `key` (None: the whole object), every tensor in it read as an array."""
+        node = self._tree if key is None else _select_by_key(self._tree, key, self.path)[0]
+        return _materialize_tree(node, self._source, self.path)
+
+
 def load_torch_pickle(path: PathLike) -> Any:
     """Loads a `torch.save` file without torch and without running code from it.
 
@@ -824,12 +883,8 @@ def load_torch_pickle(path: PathLike) -> Any:
       UnsafeCheckpointError: the pickle names a global outside the state-dict allow-list.
       ValueError: the file is not a torch checkpoint, or it is malformed.
     """
-    path = os.fspath(path)
-    fmt = _sniff_format(path)
-    if fmt == "safetensors":
-        raise ValueError(f"{path}: is a safetensors file, not a torch pickle; use load_state_dict.")
-    with _open_torch(path, fmt) as archive:
-        return _materialize_tree(archive.unpickle(), archive, path)
+    with TorchCheckpoint(path) as ckpt:
+        return ckpt.value()
 
 
 def load_state_dict(path: PathLike, key: str | None = None) -> dict[str, np.ndarray]:
@@ -851,12 +906,15 @@ def load_state_dict(path: PathLike, key: str | None = None) -> dict[str, np.ndar
       ValueError: unknown format, malformed file, no such key, ambiguous choice, or non-tensor entries.
     """
     path = os.fspath(path)
-    fmt = _sniff_format(path)
-    if fmt == "safetensors":
+    if _sniff_format(path) == "safetensors":
         return _load_safetensors(path, key)
-    with _open_torch(path, fmt) as archive:
-        chosen = _select_state_dict(archive.unpickle(), key, path)
-        return {name: archive.materialize(record) for name, record in chosen.items()}
+    with TorchCheckpoint(path) as ckpt:
+        return ckpt.state_dict(key)
+
+
+def checkpoint_format(path: PathLike) -> str:
+    """'torch_zip', 'torch_legacy' or 'safetensors', judged by content; ValueError for anything else."""
+    return _sniff_format(os.fspath(path))
 
 
 # ----------------------------------------------------------------------------------------------------
