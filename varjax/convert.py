@@ -399,3 +399,141 @@ def var_state_dict(cfg: VARConfig, params) -> dict[str, np.ndarray]:
     for i in range(cfg.depth):
         sd[f"blocks.{i}.attn.zero_k_bias"] = np.zeros((C,), np.float32)
     return sd
+
+
+# ------------------------------------------------------------------------------------ official trainer checkpoints
+
+# `torch.save` in the official train.py writes ar-ckpt-last.pth / ar-ckpt-best.pth as
+#   {'epoch': ep + 1, 'iter': 0, 'trainer': VARTrainer.state_dict(), 'args': Args.state_dict()}
+# with VARTrainer.state_dict() = {'config': {...}, 'var_wo_ddp': VAR state dict, 'vae_local': VQVAE state dict,
+# 'var_opt': {'optimizer': AdamW state, 'scaler': GradScaler state (fp16 only)}} and Args.state_dict() an
+# OrderedDict of the command-line args (str, int, float, bool, None, tuples). Only the two state dicts, the
+# epoch, the iteration and the args are read; the optimizer moments are never loaded.
+TRAINER_VAR_KEY = "trainer.var_wo_ddp"
+TRAINER_VAE_KEY = "trainer.vae_local"
+# Key prefixes of wrapped modules: DistributedDataParallel ('module.') and torch.compile ('_orig_mod.').
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Official args worth printing (utils/arg_util.py), in this order; any arg naming a tokenizer ('vae') is added.
+TRAINER_ARGS_SHOWN = (
+    "depth", "pn", "patch_nums", "saln", "anorm", "fp16", "bs", "ep", "tblr", "tlr", "twd", "tclip", "ls", "pg",
+    "cur_ep", "data_path",
+)  # fmt: skip
+# The official trainer's shorthands for --pn (arg_util.init_dist_and_get_args).
+PN_ALIASES = {
+    "256": PATCH_NUMS_256,
+    "512": PATCH_NUMS_512,
+    "1024": (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
+}
+
+
+def strip_wrapper_prefixes(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+    """Drops the key prefixes DDP and torch.compile add ('module.', '_orig_mod.', nested in any order) when
+    every key carries them. Returns (state dict, the prefix removed, '' for none)."""
+    sd, removed = dict(sd), ""
+    while sd and (p := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)):
+        sd, removed = {k[len(p) :]: v for k, v in sd.items()}, removed + p
+    return sd, removed
+
+
+def _patch_nums_of(value) -> tuple[int, ...] | None:
+    """A scale schedule from an args value: a tuple/list of ints, or the `pn` string '1_2_3' / '1-2-3' / '256'."""
+    if isinstance(value, tuple | list) and value and all(type(v) is int and v > 0 for v in value):
+        return tuple(value)
+    if isinstance(value, str):
+        if value in PN_ALIASES:
+            return PN_ALIASES[value]
+        parts = value.replace("-", "_").split("_")
+        if all(p.isdigit() and int(p) > 0 for p in parts):
+            return tuple(int(p) for p in parts)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerCheckpoint:
+    """What ``varjax convert`` reads from an official trainer checkpoint (ar-ckpt-last.pth / ar-ckpt-best.pth).
+
+    ``vae_sd`` is None when the file holds no tokenizer (``has_vae`` False) or it was not asked for.
+    ``args`` is empty when the file stores none (or stores them in another form, noted in ``args_note``).
+    """
+
+    path: str
+    var_sd: dict[str, np.ndarray]
+    vae_sd: dict[str, np.ndarray] | None
+    has_vae: bool
+    epoch: object
+    iter: object
+    args: dict
+    config: dict
+    args_note: str = ""
+
+    @property
+    def patch_nums(self) -> tuple[int, ...] | None:
+        """The scales it was trained with: args 'patch_nums' (derived from 'pn'), else 'pn', else the trainer's
+        own config; None if none of them says."""
+        for value in (self.args.get("patch_nums"), self.args.get("pn"), self.config.get("patch_nums")):
+            if (pn := _patch_nums_of(value)) is not None:
+                return pn
+        return None
+
+    def describe(self) -> list[str]:
+        """Lines saying what was read: epoch, iteration, the args that matter, where the tokenizer is."""
+        lines = [f"{self.path}: official trainer checkpoint, epoch {self.epoch!r}, iter {self.iter!r}"]
+        shown = [k for k in TRAINER_ARGS_SHOWN if k in self.args]
+        shown += [k for k in self.args if "vae" in str(k).lower() and k not in shown]
+        if shown:
+            text = " ".join(f"{k}={_short(self.args[k])}" for k in shown)
+            rest = len(self.args) - len(shown)
+            lines.append(f"args: {text}" + (f" ({rest} more in the file)" if rest > 0 else ""))
+        if self.args_note:
+            lines.append(self.args_note)
+        if self.has_vae:
+            lines.append(f"tokenizer: stored in the file under {TRAINER_VAE_KEY}")
+        else:
+            lines.append(f"tokenizer: not in the file (no {TRAINER_VAE_KEY})")
+        return lines
+
+    def disagreements(self, cfg: VARConfig) -> list[str]:
+        """Args that contradict the weights' shapes (the weights are converted as they are)."""
+        said = {"depth": cfg.depth, "saln": cfg.shared_aln, "anorm": cfg.attn_l2_norm}
+        return [
+            f"the args say {k}={self.args[k]!r} but the weights give {v!r}; the weights are converted as they are"
+            for k, v in said.items()
+            if k in self.args and type(self.args[k]) in (int, bool) and self.args[k] != v
+        ]
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_trainer_checkpoint(path, read_vae: bool = True) -> TrainerCheckpoint | None:
+    """The official trainer checkpoint at ``path``, or None if the file is not one (no ``trainer.var_wo_ddp``).
+
+    Reads through the restricted unpickler of ``torch_io``: nothing in the file is executed, and a global
+    outside the allow-list raises ``UnsafeCheckpointError``. Only the selected tensors are read.
+    """
+    from varjax import torch_io
+
+    if torch_io.checkpoint_format(path) == "safetensors":
+        return None
+    with torch_io.TorchCheckpoint(path) as ckpt:
+        if not ckpt.has(TRAINER_VAR_KEY):
+            return None
+        has_vae = ckpt.has(TRAINER_VAE_KEY)
+        args = ckpt.value("args") if ckpt.has("args") else {}
+        note = ""
+        if not isinstance(args, Mapping):  # very old official checkpoints stored str(args)
+            note, args = f"args: stored as a {type(args).__name__}, not a dict; not read", {}
+        config = ckpt.value("trainer.config") if ckpt.has("trainer.config") else {}
+        return TrainerCheckpoint(
+            path=str(path),
+            var_sd=ckpt.state_dict(TRAINER_VAR_KEY),
+            vae_sd=ckpt.state_dict(TRAINER_VAE_KEY) if has_vae and read_vae else None,
+            has_vae=has_vae,
+            epoch=ckpt.value("epoch") if ckpt.has("epoch") else None,
+            iter=ckpt.value("iter") if ckpt.has("iter") else None,
+            args=dict(args),
+            config=dict(config) if isinstance(config, Mapping) else {},
+            args_note=note,
+        )
