@@ -12,11 +12,10 @@ Transformer as VAR-d16 (width 1024, 16 heads), flow head of width 1024 and 6 blo
 0.1), bfloat16. configs/ecar_d16.py:runlocal is a two-step smoke test of the same model on the embedded data.
 """
 
-from varjax.train.config_utils import parse_arg
-from varjax.train.ecar_trainer import imagenet_ecar_run
+from varjax.configs import common
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False)
-    return imagenet_ecar_run(16, batch_size=768, epochs=200, tblr=1e-4, head_depth=6,
-                             tokenizer_dir="runs/ecar_tok_imagenet", runlocal=a.runlocal)
+    a = common.parse_arg(arg, runlocal=False)
+    return common.imagenet_ecar(16, batch_size=768, epochs=200, tblr=1e-4, head_depth=6,
+                             tokenizer_dir="runs/ecar_tok_imagenet", runlocal_=a.runlocal)

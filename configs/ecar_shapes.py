@@ -8,13 +8,12 @@ width-96 transformer and a 3-block, width-64 flow head (0.61M parameters in all;
 `configs/ecar_shapes.py:runlocal` is a few-step smoke test.
 """
 
-from varjax.train.config_utils import parse_arg
-from varjax.train.ecar_trainer import ecar_run
+from varjax.configs import common
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False, depth=3)
-    c = ecar_run(a.depth)
+    a = common.parse_arg(arg, runlocal=False, depth=3)
+    c = common.ecar(a.depth)
     c.model.embed_dim = 96
     c.model.num_heads = 3
     c.model.drop_path_rate = 0.0
@@ -42,11 +41,7 @@ def get_config(arg=None):
     # drawing one stage per example at the same cost, which matters on a CPU budget
     c.all_stages = True
     if a.runlocal:
-        c.data.name = "varjax_shapes/tiny"
-        c.batch_size = 8
-        c.total_steps = 4
-        c.log_every = 1
-        c.ckpt_every = 2
+        common.runlocal(c)
         c.model.embed_dim = 32
         c.model.num_heads = 2
         c.model.depth = 2

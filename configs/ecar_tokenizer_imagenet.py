@@ -9,13 +9,12 @@ and a PatchGAN (hinge, adaptive weight 0.5) from step 50k. ``configs/ecar_tokeni
 a few-step smoke test on the embedded data.
 """
 
-from varjax.train.config_utils import parse_arg
-from varjax.train.kl_trainer import kl_tokenizer_run
+from varjax.configs import common
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False)
-    c = kl_tokenizer_run()
+    a = common.parse_arg(arg, runlocal=False)
+    c = common.kl_tokenizer()
     c.vae.update(dict(ch=128, ch_mult=(1, 1, 2, 2, 4), z_channels=16, num_res_blocks=2, using_sa=True,
                       using_mid_sa=True, num_groups=32, image_size=256))
     c.kl_weight = 1e-6
@@ -27,13 +26,7 @@ def get_config(arg=None):
     c.total_epochs = 40.0
     c.lr = 1e-4
     if a.runlocal:
-        c.data.name = "varjax_shapes/tiny"
-        c.data.eval_split = "test"
+        common.runlocal(c, steps=2)
         c.vae.update(dict(ch=16, ch_mult=(1, 2, 2), num_groups=8, image_size=32, using_sa=False, using_mid_sa=False))
-        c.total_epochs = None
-        c.total_steps = 2
-        c.batch_size = 8
-        c.log_every = 1
-        c.ckpt_every = 2
         c.disc_start = 1
     return c

@@ -7,13 +7,12 @@ posterior of 4 channels, L1 + L2 reconstruction and a small KL weight; no LPIPS,
 `configs/ecar_tokenizer_shapes.py:runlocal` is a few-step smoke test.
 """
 
-from varjax.train.config_utils import parse_arg
-from varjax.train.kl_trainer import kl_tokenizer_run
+from varjax.configs import common
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False)
-    c = kl_tokenizer_run()
+    a = common.parse_arg(arg, runlocal=False)
+    c = common.kl_tokenizer()
     c.vae.update(dict(ch=16, ch_mult=(1, 2, 4), z_channels=4, num_res_blocks=1, using_sa=False,
                       using_mid_sa=False, num_groups=8, image_size=32))
     c.kl_weight = 1e-5
@@ -29,11 +28,7 @@ def get_config(arg=None):
     c.log_every = 25
     c.ckpt_every = 500
     if a.runlocal:
-        c.data.name = "varjax_shapes/tiny"
+        common.runlocal(c)
         c.vae.ch = 8
         c.vae.ch_mult = (1, 2, 2)
-        c.batch_size = 8
-        c.total_steps = 4
-        c.log_every = 1
-        c.ckpt_every = 2
     return c

@@ -13,16 +13,14 @@ Arguments after ':': depths=6+8+10+12+16+20+24+30, epochs=0 (0: the per-depth bu
 same number of epochs for every member), member=<name>.
 """
 
-from varjax.scaling.sweep import member_config
-from varjax.train.config_base import var_run
-from varjax.train.config_utils import parse_arg
+from varjax.configs import common
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
-ARGS = dict(member="", depths=((6, 8, 10, 12, 16, 20, 24, 30), tuple), epochs=0.0)
+ARGS = dict(depths=((6, 8, 10, 12, 16, 20, 24, 30), tuple), epochs=0.0)
 
 
 def _args(arg):
-    return parse_arg(arg, **ARGS)
+    return common.parse_arg(arg, **ARGS)
 
 
 def default_epochs(depth: int) -> float:
@@ -49,14 +47,14 @@ def member_overrides(depth: int, epochs: float = 0.0) -> dict:
 
 
 def get_config(arg=None):
-    a = _args(arg)
-    c = var_run(16)
+    _args(arg)  # refuses unknown arguments; member=<name> is applied by the loader
+    c = common.var(16)
     c.total_examples = int(round(default_epochs(16) * IMAGENET_TRAIN_EXAMPLES))
     c.data.hflip = False
     c.log_every = 100
     c.ckpt_every = 2000
     c.eval_every = 10_000  # and always at the last step
-    return member_config(c, sweep, a.member, arg)
+    return c
 
 
 def sweep(add, arg=None):

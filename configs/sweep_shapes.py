@@ -13,20 +13,18 @@ Arguments after ':' (comma-separated): depths=2+3+4, width=32, steps=1500, runlo
 steps), member=<name> (one member's config, as used by the commands that `--print-commands` prints).
 """
 
-from varjax.scaling.sweep import member_config
-from varjax.train.config_base import var_run
-from varjax.train.config_utils import parse_arg
+from varjax.configs import common
 
-ARGS = dict(member="", runlocal=False, depths=((2, 3, 4), tuple), width=32, steps=(None, int))
+ARGS = dict(runlocal=False, depths=((2, 3, 4), tuple), width=32, steps=(None, int))
 
 
 def _args(arg):
-    return parse_arg(arg, **ARGS)
+    return common.parse_arg(arg, **ARGS)
 
 
 def get_config(arg=None):
     a = _args(arg)
-    c = var_run(a.depths[0])
+    c = common.var(a.depths[0])
     c.model.dtype = "float32"
     c.data.name = "varjax_shapes"
     c.data.eval_split = "test"
@@ -47,7 +45,7 @@ def get_config(arg=None):
         c.async_ckpt = False
     c.ckpt_every = min(c.ckpt_every, c.total_steps)
     c.eval_every = c.get_ref("total_steps")  # evaluate once, at the end (and follow --config.total_steps)
-    return member_config(c, sweep, a.member, arg)
+    return c
 
 
 def sweep(add, arg=None):

@@ -10,13 +10,12 @@
 `init_from` (only `dropout` and `beta` may differ). Without `lpips_lin_path` the perceptual loss is off.
 """
 
-from varjax.train.config_utils import parse_arg
-from varjax.train.tok_trainer import tokenizer_run
+from varjax.configs import common
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False)
-    c = tokenizer_run()  # config.vae defaults to the released vae_ch160v4096z32
+    a = common.parse_arg(arg, runlocal=False)
+    c = common.tokenizer()  # config.vae defaults to the released vae_ch160v4096z32
     c.init_from = ""  # required: the converted tokenizer directory
     c.require_init_from = True
     c.data.name = "imagenet2012"

@@ -14,13 +14,12 @@ reconstruct as well as 256 and are easier for the transformer). The workdir is t
 `configs/tokenizer_shapes.py:runlocal` is a few-step smoke test.
 """
 
-from varjax.train.config_utils import parse_arg
-from varjax.train.tok_trainer import tokenizer_run
+from varjax.configs import common
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False)
-    c = tokenizer_run()
+    a = common.parse_arg(arg, runlocal=False)
+    c = common.tokenizer()
     c.vae.update(
         dict(
             ch=16,
@@ -50,16 +49,12 @@ def get_config(arg=None):
     c.eval_every = 2500
     c.image_every = 2500
     if a.runlocal:
-        c.data.name = "varjax_shapes/tiny"
+        common.runlocal(c)
         c.vae.ch = 8
         c.vae.ch_mult = (1, 2, 2)
         c.vae.z_channels = 8
         c.vae.vocab_size = 64
         c.vae.patch_nums = (1, 2, 4, 8)
-        c.batch_size = 8
-        c.total_steps = 4
-        c.log_every = 1
-        c.ckpt_every = 2
         c.eval_every = 4
         c.image_every = 4
     return c

@@ -13,13 +13,12 @@ twd 0.05, tclip 2.0, no label smoothing, class dropout 0.1 (the defaults of ``va
 (still needs an official-shaped tokenizer directory).
 """
 
-from varjax.train.config_base import official_var_run
-from varjax.train.config_utils import parse_arg
+from varjax.configs import common
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False)
-    return official_var_run(
+    a = common.parse_arg(arg, runlocal=False)
+    return common.official_var(
         24,
         batch_size=768,
         epochs=350,
@@ -27,5 +26,5 @@ def get_config(arg=None):
         alng=0.0001,
         wpe=0.01,
         tokenizer_dir="runs/tok_vae_ch160v4096z32",
-        runlocal=a.runlocal,
+        runlocal_=a.runlocal,
     )

@@ -17,13 +17,12 @@ blocks scanned and rematerialised); with other device counts override it, e.g.
 (still needs an official-shaped tokenizer directory).
 """
 
-from varjax.train.config_base import official_var_run
-from varjax.train.config_utils import parse_arg
+from varjax.configs import common
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False)
-    return official_var_run(
+    a = common.parse_arg(arg, runlocal=False)
+    return common.official_var(
         36,
         batch_size=768,
         epochs=350,
@@ -35,5 +34,5 @@ def get_config(arg=None):
         tokenizer_dir="runs/tok_vae_ch160v4096z32_512",
         fsdp=8,  # ~35 GB of parameters and Adam state would not fit replicated on one device
         remat="full",
-        runlocal=a.runlocal,
+        runlocal_=a.runlocal,
     )

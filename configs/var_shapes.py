@@ -6,13 +6,12 @@
 `configs/var_shapes.py:runlocal` is a few-step smoke test.
 """
 
-from varjax.train.config_base import var_run
-from varjax.train.config_utils import parse_arg
+from varjax.configs import common
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False, depth=3)
-    c = var_run(a.depth)
+    a = common.parse_arg(arg, runlocal=False, depth=3)
+    c = common.var(a.depth)
     c.model.embed_dim = 96
     c.model.num_heads = 3
     c.model.drop_path_rate = 0.0
@@ -33,11 +32,7 @@ def get_config(arg=None):
     c.ckpt_every = 275
     c.eval_every = 1100
     if a.runlocal:
-        c.data.name = "varjax_shapes/tiny"
-        c.batch_size = 8
-        c.total_steps = 4
-        c.log_every = 1
-        c.ckpt_every = 2
+        common.runlocal(c)
         c.eval_every = 0
         c.model.embed_dim = 32
         c.model.num_heads = 2

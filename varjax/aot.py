@@ -3,8 +3,8 @@
     varjax compile --config configs/var_d16.py --topology v5p-64 [--config.batch_size=512 ...]
     varjax compile --config configs/var_shapes.py:runlocal --topology local
 
-The step is the trainer's own (``var_trainer.build_task``'s step function, jitted with the shardings and
-donation of ``loop.train_and_evaluate``) on the mesh of ``config.mesh`` over the topology's devices. A TPU
+The step is the trainer's own (``varjax.tasks.var``'s step function, jitted by ``varjax.train.jit_train_step``
+as training jits it) on the mesh of ``config.mesh`` over the topology's devices. A TPU
 topology (``v5p-64``, ``v4-64``, ``v5e-256``, ``v6e-256``... or a raw ``v5:2x4x4``) comes from libtpu through
 ``jax.experimental.topologies.get_topology_desc`` and needs no TPU (``pip install 'varjax[tpu]'``);
 ``local`` compiles for the devices of this host. Prints per-device memory (arguments, outputs, temporaries,
@@ -19,24 +19,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
-import sys
 import time
 
-HBM_GIB = {  # per chip (v4/v5p: one megacore device per chip)
-    "TPU v4": 32,
-    "TPU v5 lite": 16,
-    "TPU v5e": 16,
-    "TPU v5": 95,
-    "TPU v5p": 95,
-    "TPU v6 lite": 32,
-    "TPU v6e": 32,
-    "NVIDIA H100": 80,
-    "NVIDIA H200": 141,
-    "NVIDIA A100": 80,
-}
+from varjax import config, tasks
+from varjax.core import paths
+from varjax.core.devices import hbm_bytes
+from varjax.data import sources
 
 # chips -> (topology, wrap) for the TPU families (MaxText's accelerator_to_spec_map lists the same slices)
 _TORUS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
@@ -111,108 +101,76 @@ def topology_devices(name: str) -> list:
     return list(desc.devices)
 
 
-def hbm_bytes(device) -> int | None:
-    kind = getattr(device, "device_kind", "")
-    for prefix, gib in sorted(HBM_GIB.items(), key=lambda kv: -len(kv[0])):
-        if kind.startswith(prefix):
-            return gib * 2**30
-    return None
-
-
-def _tokenizer_config(cfg, resolution: int):
-    from varjax.ckpt import read_model_json
+def _tokenizer(cfg, resolution: int):
+    """(dir, config) of the tokenizer: ``config.tokenizer_dir`` when it exists here, else the released
+    ``vae_ch160v4096z32`` at ``resolution``."""
+    from varjax.core import model_dir
     from varjax.models.vqvae import PATCH_NUMS_256, PATCH_NUMS_512, VQVAEConfig
 
-    if cfg.get("tokenizer_dir") and os.path.isdir(cfg.tokenizer_dir):
-        return VQVAEConfig.from_dict(read_model_json(cfg.tokenizer_dir)["vae"]["config"])
+    if cfg.tokenizer_dir and (paths.resolve(cfg.tokenizer_dir) / model_dir.MODEL_JSON).is_file():
+        return tasks.var.tokenizer_of(cfg)
     if resolution not in (256, 512):
         raise ValueError(f"--resolution {resolution}: expected 256 or 512 (the released tokenizer's schedules).")
-    return VQVAEConfig(patch_nums=PATCH_NUMS_256 if resolution == 256 else PATCH_NUMS_512)
+    return None, VQVAEConfig(patch_nums=PATCH_NUMS_256 if resolution == 256 else PATCH_NUMS_512)
 
 
-def _num_classes(data_cfg) -> int:
-    from varjax.data import pipeline
-
+def _data(cfg, image_size: int) -> sources.DataPlan:
+    """The data plan without the data: the batch shapes are what matter (epochs only set the schedule, a traced
+    function of the step), and the class count of a dataset this host does not have is ImageNet's."""
+    source = "tokens" if cfg.data.tokens_cache else "images"
     try:
-        return pipeline.num_classes(data_cfg)
-    except Exception as e:  # the dataset is not on this host: ImageNet's 1000 classes
-        print(f"[compile] number of classes of {data_cfg.name} unknown here ({type(e).__name__}); using 1000")
-        return 1000
-
-
-class _NoData:
-    """Stands in for the training data iterator: only its epoch length is read while building the step."""
-
-    steps_per_epoch = 1000  # schedules are traced functions of the step: the compiled program does not depend on it
+        num_classes = cfg.model.num_classes or sources.num_classes(cfg.data)
+    except Exception as e:  # noqa: BLE001 - the dataset is not on this host
+        print(f"[compile] number of classes of {cfg.data.name} unknown here ({type(e).__name__}); using 1000")
+        num_classes = 1000
+    return sources.DataPlan(source=source, cache=None, num_shards=1, steps_per_epoch=1000, num_classes=num_classes,
+                            image_size=image_size, config=cfg.data)
 
 
 def compile_step(cfg, devices, resolution: int = 256):
-    """Lowers and compiles one training step; returns ``(compiled, info dict)``."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax.core import meta
+    """Lowers and compiles one VAR training step for ``devices``; returns ``(compiled, info dict)``.
 
-    from varjax.models import attention
-    from varjax.models.vqvae import VQVAE
-    from varjax.scaling.flops import train_flops_per_sequence
-    from varjax.train import loop, sharding
-    from varjax.train.var_trainer import build_task, var_config_from
+    The step is the trainer's own (``varjax.tasks.var``'s, jitted by ``varjax.train.jit_train_step`` with the
+    shardings and donation training uses), the tokenizer's parameters an abstract argument.
+    """
+    import jax
+    import numpy as np
+
+    from varjax import train
+    from varjax.core import mesh as mesh_lib
+    from varjax.models import attention, flops
 
     cfg = copy.deepcopy(cfg)
     with cfg.unlocked():
         cfg.eval_every = 0  # evaluation is a separate program
-    vae_cfg = _tokenizer_config(cfg, resolution)
-    ncls = cfg.model.get("num_classes") or _num_classes(cfg.data)
-    model_cfg = var_config_from(cfg, vae_cfg, ncls)
-    dtype = jnp.dtype(cfg.model.get("dtype", "float32"))
-    mesh = sharding.create_mesh(cfg.mesh, devices=devices)
-    rules = sharding.normalize_rules(cfg.get("rules"))
-    sharding.check_batch_divisible(cfg.batch_size, mesh, field="config.batch_size")
-    total = 100_000
-    setup = loop.Setup(cfg, "", mesh, rules, _NoData(), total, _NoData.steps_per_epoch, True)
-
-    s = vae_cfg.image_size
-    vae_abstract = meta.unbox(jax.eval_shape(
-        lambda r: VQVAE(vae_cfg).init(r, jnp.zeros((1, s, s, 3)), method=VQVAE.init_all)["params"],
-        jax.random.PRNGKey(0),
-    ))
-
-    def task_for(vae_params):
-        # The tokenizer's parameters are an argument of the compiled step here (the trainer closes over them):
-        # the same values on every device, without materialising them on a host that has no such devices.
-        return build_task(setup, vae_cfg, vae_params, model_cfg, dtype)
-
-    def init_fn(rng):
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), vae_abstract)
-        return task_for(zeros).init_fn(rng)
-
-    abstract_state = sharding.abstract_sharded_state(init_fn, mesh, rules, jax.random.PRNGKey(cfg.seed))
+    if cfg.task != "var":
+        raise ValueError(f"varjax compile compiles VAR training steps; --config names a {cfg.task!r} config.")
+    tok = _tokenizer(cfg, resolution)
+    plan = config.resolve(cfg, num_devices=len(devices), process_count=1, tokenizer=tok,
+                          data=_data(cfg, tok[1].image_size))
+    mesh = mesh_lib.create_mesh(plan.mesh, devices=devices)
+    task = tasks.var.build(plan, mesh, abstract=True)
+    init_fn, step_fn = train.with_ema(task.init_fn, task.step_fn, plan.ema_decay)
+    abstract_state = mesh_lib.abstract_sharded_state(init_fn, mesh, plan.rules, jax.random.PRNGKey(plan.seed))
     state_sh = jax.tree.map(lambda a: a.sharding, abstract_state)
-    B = cfg.batch_size
-    if cfg.data.get("tokens_cache"):
+    B, model_cfg = plan.batch_size, plan.model
+    s = plan.tokenizer.image_size
+    import jax.numpy as jnp
+
+    if plan.data.source == "tokens":
         batch = {"tokens": jax.ShapeDtypeStruct((B, model_cfg.L), jnp.int32)}
     else:
         batch = {"image": jax.ShapeDtypeStruct((B, s, s, 3), jnp.float32)}
     batch["label"] = jax.ShapeDtypeStruct((B,), jnp.int32)
     if cfg.pg > 0:
         batch["prog_wp"] = jax.ShapeDtypeStruct((B,), jnp.float32)
-    batch_sh = sharding.batch_sharding(mesh)
+    batch_sh = mesh_lib.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in batch.items()}
-    replicated = sharding.replicated_sharding(mesh)
-    vae_in = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), vae_abstract)
-
-    def step(state, b, vae_params):
-        return task_for(vae_params).step_fn(state, b)
-
     t0 = time.time()
-    # jitted as loop.train_and_evaluate does: explicit state/batch shardings, metrics replicated, state donated
-    jitted = jax.jit(
-        step, in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, replicated), donate_argnums=0
-    )
+    jitted = train.jit_train_step(step_fn, state_sh, mesh)
     # traced as the trainer traces it (activation constraints act), and for the target's attention kernel
-    with sharding.mesh_rules(mesh, rules), attention.target_platform(devices[0].platform):
-        lowered = jitted.lower(abstract_state, batch, vae_in)
+    with mesh_lib.mesh_rules(mesh, plan.rules), attention.target_platform(devices[0].platform):
+        lowered = jitted.lower(abstract_state, batch, task.frozen)
     compiled = lowered.compile()
     compile_s = time.time() - t0
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_state["params"]))
@@ -223,12 +181,12 @@ def compile_step(cfg, devices, resolution: int = 256):
         "mesh": dict(mesh.shape),
         "devices": len(devices),
         "device_kind": devices[0].device_kind,
-        "dtype": str(dtype),
+        "dtype": plan.dtype,
         "compile_s": compile_s,
         **memory_and_flops(compiled, devices[0]),
-        "model_flops_per_step": B * train_flops_per_sequence(dataclasses.asdict(model_cfg), "masked"),
-        "scan_layers": bool(cfg.model.get("scan_layers", False)),
-        "remat": str(cfg.model.get("remat", "none")),
+        "model_flops_per_step": B * flops.train_flops_per_sequence(model_cfg, "masked"),
+        "scan_layers": bool(model_cfg.scan_layers),
+        "remat": str(model_cfg.remat),
     }
     return compiled, info
 
@@ -282,47 +240,25 @@ def report(info: dict, topology: str) -> str:
     return "\n".join(lines)
 
 
-def _pop_flag(argv: list[str], name: str, default=None):
-    """Removes ``--name VALUE`` / ``--name=VALUE`` from argv; returns VALUE (or ``default``)."""
-    for i, a in enumerate(argv):
-        if a == name and i + 1 < len(argv):
-            value = argv[i + 1]
-            del argv[i : i + 2]
-            return value
-        if a.startswith(name + "="):
-            del argv[i]
-            return a.split("=", 1)[1]
-    return default
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="VAR config file or shipped name, e.g. var_d16 (fields: "
+                   "--config.field=value)")
+    p.add_argument("--topology", required=True, help="'local' (this host's devices) or a TPU slice such as v5p-64, "
+                   "v4-64, v5e-256, v6e-256 (needs libtpu: pip install 'varjax[tpu]'), or a raw one such as v5:2x4x4")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--resolution", type=int, default=256, help="the released tokenizer's resolution when "
+                   "config.tokenizer_dir does not exist here (256 or 512)")
 
 
-def run_cli(argv: list[str]) -> None:
-    from varjax.train.cli_flags import run_with_config
-
-    argv = list(argv)
-    if any(a in ("-h", "--help") for a in argv[1:]):
-        print(f"usage: {argv[0]} --config NAME|FILE.py[:args] --topology NAME [--json F] [--resolution 256|512] "
-              "[--config.field=value ...]\n\n" + (__doc__ or ""))
-        return
-    topology = _pop_flag(argv, "--topology")
-    json_out = _pop_flag(argv, "--json")
-    resolution = int(_pop_flag(argv, "--resolution", "256"))
-    if not topology:
-        raise SystemExit(
-            "error: varjax compile needs --topology NAME: 'local' (this host's devices) or a TPU slice such as "
-            "v5p-64, v4-64, v5e-256 (needs libtpu: pip install 'varjax[tpu]')."
-        )
-
-    def fn(cfg, _workdir):
-        devices = topology_devices(topology)
-        _, info = compile_step(cfg, devices, resolution)
-        info["topology"] = topology
-        print(report(info, topology), flush=True)
-        if json_out:
-            with open(json_out, "w") as f:
-                json.dump(info, f, indent=2)
-
-    run_with_config(argv, fn, "VAR transformer", needs_workdir=False)
-
-
-if __name__ == "__main__":
-    run_cli(sys.argv)
+def command(a, rest: list[str]) -> None:
+    """``varjax compile``: ``rest`` holds the ``--config.field=value`` overrides."""
+    rest, overrides = config.split_overrides(rest)
+    if rest:
+        raise ValueError(f"unrecognized arguments {rest}; config fields are set with --config.field=value")
+    cfg = config.load(a.config, overrides)
+    devices = topology_devices(a.topology)
+    _, info = compile_step(cfg, devices, a.resolution)
+    info["topology"] = a.topology
+    print(report(info, a.topology), flush=True)
+    if a.json:
+        paths.write_json(a.json, info)

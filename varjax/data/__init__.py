@@ -1,5 +1,7 @@
-"""Datasets and input pipeline.
+"""Data: the embedded dataset, image files, training sources and their resumable iterators.
 
-`varjax.data.shapes`: the embedded `varjax_shapes` TFDS dataset and its shape detector.
-`varjax.data.pipeline`: per-process, deterministic, resumable tf.data batches for the trainers.
+``shapes``: the `varjax_shapes` drawings and their analytic detector (no TensorFlow); ``shapes_tfds``: the same
+as a TFDS dataset. ``sources``: which data a run reads (images, token cache, latent cache) and its iterator;
+``pipeline``: the TensorFlow image pipeline; ``caches``: token and latent caches; ``iterator``: resumable,
+sharded iteration. ``images``: image files and PNG grids at the command line's edges.
 """

@@ -12,17 +12,8 @@ of `(split, index)` and only uses correctly rounded float arithmetic, so every m
 bytes. Sizes and positions are in units of the image side, so the `64` config draws the same scenes as the
 `32` config at twice the resolution.
 
-Build it like any TFDS dataset (nothing is downloaded)::
-
-    import tensorflow_datasets as tfds
-    import varjax.data.shapes  # registers the builder
-    builder = tfds.builder('varjax_shapes/32', data_dir='/tmp/tfds')
-    builder.download_and_prepare()
-
-Smaller variants are made with a custom config:
-`tfds.builder('varjax_shapes', config=VarjaxShapesConfig(name='mini', image_size=16, num_train=64,
-num_test=32))`. Such a config, once prepared, can also be loaded by name (`'varjax_shapes/mini'`) from the
-same `data_dir`.
+As a TFDS dataset it is built by ``varjax.data.shapes_tfds`` (nothing is downloaded); this module needs no
+TensorFlow, so the detector and the held-out images serve evaluation without it.
 
 Letters in array names: B batch, H/W image height/width, K side of the detector's template grid.
 """
@@ -30,12 +21,10 @@ Letters in array names: B batch, H/W image height/width, K side of the detector'
 from __future__ import annotations
 
 import colorsys
-import dataclasses
 import hashlib
 import math
 
 import numpy as np
-import tensorflow_datasets as tfds
 from scipy import ndimage
 
 CLASS_NAMES = ("circle", "square", "triangle", "plus", "ring", "diamond")
@@ -155,69 +144,6 @@ def draw_example(index: int, split: str, image_size: int) -> tuple[np.ndarray, i
 
 
 # ----------------------------------------------------------------------------------------------------------
-# TFDS builder.
-
-
-@dataclasses.dataclass
-class VarjaxShapesConfig(tfds.core.BuilderConfig):
-    """Resolution and size of a `varjax_shapes` variant.
-
-    Attributes:
-      image_size: side of the square images, in pixels.
-      num_train: examples in the 'train' split.
-      num_test: examples in the 'test' split.
-    """
-
-    image_size: int = 32
-    num_train: int = 12000
-    num_test: int = 1200
-
-
-class VarjaxShapes(tfds.core.GeneratorBasedBuilder):
-    """Procedurally drawn coloured shapes, one of `NUM_CLASSES` kinds per image (see module docstring)."""
-
-    name = "varjax_shapes"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [
-        VarjaxShapesConfig(name="32", image_size=32, description="32x32 images, 12000 train / 1200 test."),
-        VarjaxShapesConfig(name="64", image_size=64, description="64x64 images, 12000 train / 1200 test."),
-        VarjaxShapesConfig(
-            name="tiny", image_size=32, num_train=96, num_test=48,
-            description="32x32 images, 96 train / 48 test, for smoke tests.",
-        ),
-    ]
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        size = self.builder_config.image_size
-        return self.dataset_info_from_configs(
-            description=__doc__.split("\n\n")[0],
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3)),
-                "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-            }),
-            supervised_keys=("image", "label"),
-            # Keep index order on disk: shards of `tfds.even_splits` are then contiguous index ranges, each
-            # with balanced classes; readers shuffle anyway.
-            disable_shuffling=True,
-        )
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
-        cfg = self.builder_config
-        return {
-            "train": self._generate_examples("train", cfg.num_train),
-            "test": self._generate_examples("test", cfg.num_test),
-        }
-
-    def _generate_examples(self, split: str, num_examples: int):
-        size = self.builder_config.image_size
-        for index in range(num_examples):
-            image, label = draw_example(index, split, size)
-            yield index, {"image": image, "label": label}
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Detector.
 
 _TEMPLATE_SIDE = 16  # K: the shape's bounding box is resampled to K x K and compared with each kind
@@ -261,14 +187,22 @@ def _otsu(values: np.ndarray, bins: int = 64) -> float:
 
 
 def _alpha_matte(x_HWC: np.ndarray) -> np.ndarray:
-    """Estimated shape coverage (H, W) in [0, 1].
+    """Estimated shape coverage (H, W) in [0, 1] (see `matte`)."""
+    return matte(x_HWC)[0]
+
+
+def matte(x_HWC: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The detector's model of one image: (alpha (H, W) in [0, 1], foreground colour (3,), background (H, W, 3)).
 
     The image is modelled as background * (1 - alpha) + foreground * alpha. The background is a plane per
     channel fitted to a band along the border, refitted without the band pixels that look like foreground
     (a shape may touch the border after a crop, or in a generated sample); the foreground is the median
     colour of the pixels Otsu's method puts away from the background. Alpha is the projection of each
-    pixel onto the background-to-foreground segment.
+    pixel onto the background-to-foreground segment. Colours are in the image's own units (x_HWC as float).
+    Where nothing stands out from the background, alpha is 0 and the foreground colour is the background's
+    mean.
     """
+    x_HWC = np.asarray(x_HWC, dtype=np.float64)
     h = x_HWC.shape[0]
     band = _border(x_HWC, max(1, h // 16))
 
@@ -283,11 +217,11 @@ def _alpha_matte(x_HWC: np.ndarray) -> np.ndarray:
         d = distance(bg)
     far = d > _otsu(d)
     if not far.any():
-        return np.zeros(d.shape)
+        return np.zeros(d.shape), bg.mean(axis=(0, 1)), bg
     fg = np.median(x_HWC[far], axis=0)
     span = fg - bg
     alpha = np.sum((x_HWC - bg) * span, axis=-1) / np.maximum(np.sum(span**2, axis=-1), 1e-12)
-    return np.clip(alpha, 0.0, 1.0)
+    return np.clip(alpha, 0.0, 1.0), fg, bg
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:

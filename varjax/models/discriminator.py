@@ -1,4 +1,4 @@
-"""PatchGAN discriminator and the GAN loss terms of VQGAN-style tokenizer training.
+"""PatchGAN discriminator of VQGAN-style tokenizer training (its loss terms are in ``varjax.losses``).
 
 The network follows taming-transformers' `NLayerDiscriminator` (itself pix2pix's PatchGAN): 4x4 convs with
 padding 1, `n_layers` of them with stride 2 and two with stride 1, LeakyReLU(0.2), widths
@@ -21,12 +21,10 @@ Shapes: B batch, H/W image height/width, h/w patch-grid height/width. Images NHW
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 NORMS = ("group", "none", "batch")
 LEAKY_SLOPE = 0.2
@@ -145,57 +143,3 @@ class NLayerDiscriminator(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------
 # Loss terms (pure functions of logits / gradients; every mean runs over all logits of the batch).
-
-
-def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
-    """0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake))), a scalar."""
-    loss_real = jnp.mean(jax.nn.relu(1.0 - logits_real))
-    loss_fake = jnp.mean(jax.nn.relu(1.0 + logits_fake))
-    return 0.5 * (loss_real + loss_fake)
-
-
-def vanilla_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
-    """Non-saturating BCE: 0.5 * (mean(softplus(-real)) + mean(softplus(fake))), a scalar."""
-    return 0.5 * (jnp.mean(jax.nn.softplus(-logits_real)) + jnp.mean(jax.nn.softplus(logits_fake)))
-
-
-D_LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-    "hinge": hinge_d_loss,
-    "vanilla": vanilla_d_loss,
-}
-
-
-def get_d_loss(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """The discriminator loss called `name` ('hinge' or 'vanilla')."""
-    if name not in D_LOSSES:
-        raise ValueError(f"Discriminator loss '{name}' is unknown; expected one of {sorted(D_LOSSES)}.")
-    return D_LOSSES[name]
-
-
-def generator_loss(logits_fake: jax.Array) -> jax.Array:
-    """Generator's adversarial loss -mean(logits_fake), a scalar (taming uses it with both D losses)."""
-    return -jnp.mean(logits_fake)
-
-
-def adopt_weight(weight, step, threshold, value=0.0):
-    """`value` while `step < threshold` (the discriminator has not started), else `weight`.
-
-    Works with a traced `step` inside jit, returning a scalar array in that case.
-    """
-    return jnp.where(step < threshold, value, weight)
-
-
-def adaptive_weight(nll_grads, g_grads, max_weight: float = 1e4, eps: float = 1e-4) -> jax.Array:
-    """VQGAN's balance between reconstruction and adversarial terms: ||g_nll|| / (||g_g|| + eps).
-
-    Args:
-      nll_grads: gradient of the reconstruction (+ perceptual) loss w.r.t. the decoder's last layer weight;
-        an array or a pytree of arrays (the norm is then taken over all leaves).
-      g_grads: gradient of `generator_loss` w.r.t. the same weight, same structure.
-      max_weight: upper clip (taming: 1e4); the lower clip is 0.
-
-    Returns:
-      Scalar float32 weight, gradient-stopped. Taming multiplies it by `disc_weight`; the caller does that.
-    """
-    ratio = optax.tree.norm(nll_grads) / (optax.tree.norm(g_grads) + eps)
-    return jax.lax.stop_gradient(jnp.clip(ratio, 0.0, max_weight).astype(jnp.float32))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from varjax.resize import resize_bilinear
+from varjax.models.resize import resize_bilinear
 
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # the ADM evaluator keeps mixed_6/conv[..., :7]
@@ -295,16 +295,3 @@ def convert_inception(sd: dict[str, np.ndarray], source: str = "state dict") -> 
             node = node.setdefault(k, {})
         node[path[-1]] = v
     return params
-
-
-def load_inception(path) -> dict:
-    """Flax params from a pytorch-fid ``pt_inception-2015-12-05-*.pth`` (read torch-free)."""
-    from varjax.torch_io import load_state_dict
-
-    if not path:
-        raise ValueError(
-            "--inception: FID needs the Inception-v3 weights of pytorch-fid (pt_inception-2015-12-05-6726825d.pth, "
-            "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/); nothing is downloaded at run "
-            "time, so pass the file's path with --inception."
-        )
-    return convert_inception(load_state_dict(path), source=str(path))

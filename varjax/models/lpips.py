@@ -222,15 +222,3 @@ def convert_lpips_params(lin_sd: Mapping[str, np.ndarray], vgg_sd: Mapping[str, 
       ValueError naming every missing key, or a key whose shape is wrong.
     """
     return _convert(lin_sd, vgg_sd, "lin_sd", "vgg_sd")
-
-
-def load_lpips_params(lin_path: str, vgg_path: str | None = None):
-    """Reads the lpips `vgg.pth` (or a combined LPIPS checkpoint) and, if given, torchvision's vgg16 file.
-
-    Files may be torch `.pth` or `.safetensors`; see `convert_lpips_params` for the expected keys.
-    """
-    from varjax.torch_io import load_state_dict  # imported here so the module itself needs no file I/O
-
-    lin_sd = load_state_dict(lin_path)
-    vgg_sd = None if vgg_path is None else load_state_dict(vgg_path)
-    return _convert(lin_sd, vgg_sd, f"'{lin_path}'", f"'{vgg_path}'")

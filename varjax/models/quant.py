@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from varjax.resize import resize_area, resize_bicubic
+from varjax.models.resize import resize_area, resize_bicubic
 
 
 def phi_ticks(num_phi: int) -> np.ndarray:

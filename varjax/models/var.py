@@ -4,14 +4,14 @@ Letters in names: B batch, L tokens of all scales, l tokens of one scale, C widt
 width (= C), H heads, c head dim, V codebook size, Cv latent channels of the tokenizer (Cvae).
 
 Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``vocab``, ...) that the trainer maps onto
-the device mesh; ``varjax.train.sharding`` holds the rules. Module names mirror the PyTorch state-dict keys
+the device mesh; ``varjax.core.mesh`` holds the rules. Module names mirror the PyTorch state-dict keys
 (``blocks_3/attn/mat_qkv`` for ``blocks.3.attn.mat_qkv``) so that conversion is a renaming.
 
 Parameter layout (``PARAM_LAYOUT`` 2): the fused QKV kernel is (C, 3, H, c) and the AdaLN kernels are (C, 6, C)
 (bias (6, C)), so that tensor parallelism splits them at head / chunk boundaries; torch stores them flat as
-(3C, C) and (6C, C) (``varjax.convert`` reshapes). With ``scan_layers`` the blocks are one ``nn.scan`` over
+(3C, C) and (6C, C) (``varjax.interop.convert`` reshapes). With ``scan_layers`` the blocks are one ``nn.scan`` over
 ``depth`` and their parameters live under ``blocks`` with a leading (depth,) axis (logical axis ``layers``)
-instead of ``blocks_0`` ... ``blocks_{depth-1}``; ``varjax.convert.stack_blocks`` / ``unstack_blocks`` convert.
+instead of ``blocks_0`` ... ``blocks_{depth-1}``; ``varjax.models.var_params`` converts.
 """
 
 from __future__ import annotations

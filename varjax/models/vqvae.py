@@ -4,8 +4,8 @@ The encoder/decoder follow the release (the latent-diffusion vq-f16 layout): ch_
 residual blocks per level, GroupNorm(32, eps 1e-6), self-attention at the lowest resolution and in the middle,
 stride-2 convolutions with (0, 1, 0, 1) padding, nearest 2x upsampling followed by a convolution.
 Submodule names mirror the PyTorch state-dict keys (``down_0/block_1`` for ``down.0.block.1``) so that
-conversion is a mechanical renaming (see ``varjax.convert``). Conv kernels (kh, kw, in, out) carry the logical
-axes ``conv_in`` / ``conv_out`` (``varjax.train.sharding`` maps them onto the mesh); the RGB output conv keeps
+conversion is a mechanical renaming (see ``varjax.interop.convert``). Conv kernels (kh, kw, in, out) carry the logical
+axes ``conv_in`` / ``conv_out`` (``varjax.core.mesh`` maps them onto the mesh); the RGB output conv keeps
 its 3 channels whole.
 """
 
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from varjax.models.quant import VectorQuantizer
-from varjax.resize import upsample_nearest_2x
+from varjax.models.resize import upsample_nearest_2x
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)

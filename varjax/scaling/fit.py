@@ -247,7 +247,7 @@ def write_fit_outputs(
       the run's log-space residual (empty where the run was not part of that fit).
     Returns a dict of the three paths.
     """
-    from varjax import paths as vpaths
+    from varjax.core import paths as vpaths
 
     reports = report_list(report)
     out = vpaths.resolve(out_dir)
@@ -283,7 +283,7 @@ def write_fit_outputs(
 @contextlib.contextmanager
 def _csv_file(path: str):
     """A text buffer written to ``path`` (local or URL) when the block ends."""
-    from varjax import paths as vpaths
+    from varjax.core import paths as vpaths
 
     buf = io.StringIO(newline="")
     yield buf

@@ -80,7 +80,7 @@ def plot_fits(records: Sequence[Mapping[str, Any]], report: Mapping[str, Any], o
       report: one `fit_report` result or a dict of them, as from `scaling_report`.
       out_dir: created if needed.
     """
-    from varjax import paths as vpaths
+    from varjax.core import paths as vpaths
 
     paths = []
     for rep in report_list(report):

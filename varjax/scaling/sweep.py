@@ -2,9 +2,9 @@
 
 A sweep file is a config file (``configs/sweep_*.py``) with two functions:
 
-  * ``get_config(arg)``: the VAR run config; with ``arg`` containing ``member=<name>`` it returns that member's
-    config (the base config with the member's overrides applied; see :func:`member_config`), so each member
-    can also be trained on its own with ``varjax train --config SWEEP.py:member=<name> --workdir ...``.
+  * ``get_config(arg)``: the VAR run config; ``SWEEP.py:member=<name>`` loads that member's config (the base
+    config with the member's overrides applied, by ``varjax.config``), so each member can also be trained on its
+    own with ``varjax train --config SWEEP.py:member=<name> --workdir ...``.
   * ``sweep(add, arg=None)``: calls ``add(name=..., **overrides)`` once per member, overrides being dotted
     config fields written with '__' or '.' (``add(name='d2', **{'model.depth': 2})``).
 
@@ -27,10 +27,7 @@ on the Pareto frontier, against C (PFLOPs), and writes ``fits.json``, ``fits.csv
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import inspect
 import json
-import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -39,7 +36,8 @@ from typing import Any
 import ml_collections
 from etils.epath import Path
 
-from varjax import paths
+from varjax import config, train
+from varjax.core import paths
 
 SWEEP_JSON = "sweep.json"
 DONE_JSON = "done.json"
@@ -47,105 +45,24 @@ ACCOUNTING_JSON = "accounting.json"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sweep definitions.
-
-
-def _dotted(key: str) -> str:
-    return key.replace("__", ".")
-
-
-def collect_members(sweep_fn: Callable, arg: Any = None) -> list[dict]:
-    """Runs ``sweep_fn(add, arg)``; returns ``[{'name': ..., 'overrides': {dotted: value}}]`` in order."""
-    members: list[dict] = []
-
-    def add(name: str, **overrides) -> None:
-        if not name or "/" in name or name.startswith("."):
-            raise ValueError(f"sweep member name {name!r} must be a plain, non-empty directory name.")
-        if any(m["name"] == name for m in members):
-            raise ValueError(f"sweep member name {name!r} is used twice.")
-        members.append({"name": name, "overrides": {_dotted(k): v for k, v in overrides.items()}})
-
-    if len(inspect.signature(sweep_fn).parameters) >= 2:
-        sweep_fn(add, arg)
-    else:
-        sweep_fn(add)
-    if not members:
-        raise ValueError("the sweep defines no members (sweep(add) never called add).")
-    return members
-
-
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-    """Sets dotted fields of ``cfg`` (each must exist) and returns it."""
-    for key, value in overrides.items():
-        parent, path = cfg, key.split(".")
-        for i, p in enumerate(path):
-            if p not in parent:
-                raise ValueError(f"sweep override '{key}': the config has no field '{p}'.")
-            if i < len(path) - 1:
-                parent = parent[p]
-        parent[path[-1]] = value
-    return cfg
-
-
-def member_config(cfg: ml_collections.ConfigDict, sweep_fn: Callable, member: str, arg: Any = None):
-    """``cfg`` with the overrides of sweep member ``member`` applied (``cfg`` itself when ``member`` is empty)."""
-    if not member:
-        return cfg
-    members = {m["name"]: m for m in collect_members(sweep_fn, arg)}
-    if member not in members:
-        raise ValueError(f"unknown sweep member {member!r}; the sweep has {sorted(members)}.")
-    return apply_overrides(cfg, members[member]["overrides"])
-
-
-def load_sweep_module(path: str):
-    """Imports a sweep config file (path without any ':args')."""
-    spec = importlib.util.spec_from_file_location(f"_varjax_sweep_{abs(hash(path))}", path)
-    if spec is None or not os.path.isfile(path):
-        raise SystemExit(f"error: sweep config {path!r} not found")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for fn in ("get_config", "sweep"):
-        if not hasattr(module, fn):
-            raise SystemExit(f"error: {path} must define get_config(arg) and sweep(add, arg=None); it lacks {fn}.")
-    return module
-
-
-def _split_config_arg(config: str) -> tuple[str, str]:
-    path, _, arg = config.partition(":")
-    return path, arg
+# Sweep definitions (the members are collected by varjax.config).
 
 
 def _member_arg(arg: str, name: str) -> str:
     return f"{arg},member={name}" if arg else f"member={name}"
 
 
-def build_member_config(config: str, name: str, overrides: list[str]) -> ml_collections.ConfigDict:
+def build_member_config(config_spec: str, name: str, overrides: list[str]) -> ml_collections.ConfigDict:
     """Exactly what ``varjax train --config CONFIG:member=NAME OVERRIDES...`` would build."""
-    from varjax.train.cli_flags import config_from_args, split_overrides
-
-    path, arg = _split_config_arg(config)
-    rest, parsed = split_overrides(list(overrides))
+    path, _, arg = config_spec.partition(":")
+    rest, parsed = config.split_overrides(list(overrides))
     if rest:
         raise ValueError(f"sweep overrides must be written --config.field=value; got {rest}.")
-    return config_from_args(f"{path}:{_member_arg(arg, name)}", parsed)
+    return config.load(f"{path}:{_member_arg(arg, name)}", parsed)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Accounting: N, C, tokens.
-
-
-def model_config_for(cfg: ml_collections.ConfigDict):
-    """The VARConfig a run config trains (tokenizer sizes read from ``cfg.tokenizer_dir``)."""
-    from varjax.ckpt import read_model_json
-    from varjax.data import pipeline
-    from varjax.models.vqvae import VQVAEConfig
-    from varjax.train.var_trainer import var_config_from
-
-    if not cfg.get("tokenizer_dir"):
-        raise ValueError("config.tokenizer_dir is empty; set it to a tokenizer model directory.")
-    vae_cfg = VQVAEConfig.from_dict(read_model_json(cfg.tokenizer_dir)["vae"]["config"])
-    ncls = cfg.model.get("num_classes") or pipeline.num_classes(cfg.data)
-    return var_config_from(cfg, vae_cfg, ncls), vae_cfg
 
 
 def exact_param_count(model_cfg) -> int:
@@ -153,8 +70,8 @@ def exact_param_count(model_cfg) -> int:
     import jax
     import jax.numpy as jnp
 
+    from varjax.core.mesh import param_count
     from varjax.models.var import VAR
-    from varjax.train.sharding import param_count
 
     def init(rng):
         lab = jnp.zeros((1,), jnp.int32)
@@ -164,32 +81,19 @@ def exact_param_count(model_cfg) -> int:
     return int(param_count(jax.eval_shape(init, jax.random.PRNGKey(0))))
 
 
-def total_steps_of(cfg: ml_collections.ConfigDict, image_size: int) -> int:
-    """Training steps of a run; epochs are converted with the dataset size when needed."""
-    from varjax.train.config_utils import steps_from
-
-    try:
-        return int(steps_from(cfg, "total", examples_per_step=cfg.batch_size))
-    except ValueError:
-        from varjax.data import pipeline
-
-        it = pipeline.build_train_iter(
-            cfg.data, image_size=image_size, global_batch_size=cfg.batch_size, process_index=0, process_count=1, seed=0
-        )
-        return int(steps_from(cfg, "total", steps_per_epoch=it.steps_per_epoch, examples_per_step=cfg.batch_size))
-
-
 def accounting(cfg: ml_collections.ConfigDict) -> dict:
     """N (exact and by formula), training compute C (FLOPs and PFLOPs), sequences and tokens seen."""
-    from varjax.scaling import flops
+    from varjax.models import flops
 
-    model_cfg, vae_cfg = model_config_for(cfg)
-    steps = total_steps_of(cfg, vae_cfg.image_size)
+    plan = config.resolve(cfg)
+    if plan.task != "var":
+        raise ValueError(f"a scaling sweep trains VAR members; this config's task is {plan.task!r}.")
+    model_cfg, steps = plan.model, plan.total_steps
     sequences = steps * int(cfg.batch_size)
     n_exact = exact_param_count(model_cfg)
     n_formula = int(flops.param_count_formula(model_cfg))
     if n_exact != n_formula:
-        raise RuntimeError(f"parameter count of the model ({n_exact}) differs from the formula ({n_formula}).")
+        raise RuntimeError(f"parameter count of the model ({n_exact}) differs from the formula ({n_formula})")
     c = flops.train_compute(model_cfg, num_sequences=sequences)
     return {
         "N": n_exact,
@@ -221,24 +125,8 @@ def _read_json(path: Path) -> Any:
 # launch
 
 
-def _parse_launch(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog=argv[0], description="train every member of a sweep (idempotent)")
-    p.add_argument("--config", required=True, help="sweep config file, e.g. configs/sweep_shapes.py[:args]")
-    p.add_argument("--root", required=True, help="sweep directory; member <name> trains in ROOT/<name>")
-    p.add_argument("--print-commands", action="store_true", help="print one `varjax train` line per member")
-    p.add_argument("--only", default=None, help="comma-separated member names (default: all)")
-    from varjax.train.cli_flags import split_overrides
-
-    rest, parsed = split_overrides(argv[1:])
-    a, bad = p.parse_known_args(rest)
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are written --config.field=value)")
-    # normalised to '--config.x=value', so the overrides can be forwarded verbatim to `varjax train`
-    return a, [f"--config.{key}={text}" for key, text in parsed]
-
-
 def launch(
-    config: str,
+    config_spec: str,
     root: str,
     overrides: list[str] = (),
     print_commands: bool = False,
@@ -246,19 +134,21 @@ def launch(
     train_fn: Callable | None = None,
 ) -> list[dict]:
     """Trains (or prints the commands for) every member; returns ``[{'name', 'workdir', 'status'}]``."""
-    path, arg = _split_config_arg(config)
-    module = load_sweep_module(path)
-    members = collect_members(module.sweep, arg or None)
+    path, _, arg = config.resolve_config(config_spec).partition(":")
+    module = config.load_module(path)
+    if not hasattr(module, "sweep"):
+        raise ValueError(f"--config {config_spec}: {path} defines no sweep(add); it is not a sweep config.")
+    members = config.collect_members(module.sweep, arg or None)
     if only:
         unknown = set(only) - {m["name"] for m in members}
         if unknown:
-            raise SystemExit(f"error: --only names unknown members {sorted(unknown)}")
+            raise ValueError(f"--only names unknown members {sorted(unknown)}; the sweep has "
+                             f"{[m['name'] for m in members]}.")
         members = [m for m in members if m["name"] in only]
     rootp = paths.resolve(root)
     rootp.mkdir(parents=True, exist_ok=True)
-    _write_json(
-        rootp / SWEEP_JSON, {"config": config, "overrides": list(overrides), "members": [m["name"] for m in members]}
-    )
+    names = [m["name"] for m in members]
+    _write_json(rootp / SWEEP_JSON, {"config": config_spec, "overrides": list(overrides), "members": names})
     results = []
     for m in members:
         name = m["name"]
@@ -268,7 +158,7 @@ def launch(
             cmd = ["varjax", "train", f"--config={path}:{_member_arg(arg, name)}", f"--workdir={workdir}", *overrides]
             print(" ".join(shlex.quote(c) for c in cmd), flush=True)
             try:  # best effort: `fit` needs it, but the tokenizer or data may only be reachable from the cluster
-                acc = accounting(build_member_config(config, name, list(overrides)))
+                acc = accounting(build_member_config(config_spec, name, list(overrides)))
                 workdir.mkdir(parents=True, exist_ok=True)
                 _write_json(workdir / ACCOUNTING_JSON, acc)
             except (ValueError, OSError) as e:
@@ -284,7 +174,7 @@ def launch(
             print(f"[sweep] {name}: done ({done}), skipping", flush=True)
             results.append({"name": name, "workdir": str(workdir), "status": "skipped"})
             continue
-        cfg = build_member_config(config, name, list(overrides))
+        cfg = build_member_config(config_spec, name, list(overrides))
         workdir.mkdir(parents=True, exist_ok=True)
         acc = accounting(cfg)
         _write_json(workdir / ACCOUNTING_JSON, acc)
@@ -293,9 +183,7 @@ def launch(
             f"{acc['total_steps']} steps, {acc['tokens']:,} tokens -> {workdir}",
             flush=True,
         )
-        if train_fn is None:
-            from varjax.train.var_trainer import train as train_fn
-        last = train_fn(cfg, str(workdir))
+        last = (train_fn or _train)(cfg, str(workdir))
         final = final_eval_metrics(workdir, acc["total_steps"])
         if final is None:  # stopped early (preemption): not done; a re-run resumes it
             print(f"[sweep] {name}: training did not reach step {acc['total_steps']}; re-run to resume", flush=True)
@@ -315,6 +203,10 @@ def launch(
         )
         results.append({"name": name, "workdir": str(workdir), "status": "trained"})
     return results
+
+
+def _train(cfg, workdir: str) -> dict:
+    return train.train(config.resolve(cfg), workdir)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,22 +236,33 @@ def final_eval_metrics(workdir: Path, total_steps: int | None = None) -> dict | 
 
 def evaluate_workdir(workdir: Path, cfg: ml_collections.ConfigDict) -> dict:
     """L_mean, L_tail, acc_mean, acc_tail of the latest checkpoint in ``workdir`` on the eval split."""
-    from varjax.ckpt import load_model_dir
-    from varjax.data import pipeline
-    from varjax.train.var_trainer import make_eval_fn
+    from varjax.core.model_dir import load_model_dir
+    from varjax.data import sources
+    from varjax.tasks.var import make_eval_fn
 
-    b = load_model_dir(workdir, need_var=True)
-    evaluate = make_eval_fn(b.vae_cfg, b.vae_params, b.var_cfg)
-    it = pipeline.build_eval_iter(
-        cfg.data, image_size=b.vae_cfg.image_size, global_batch_size=cfg.batch_size, process_index=0, process_count=1
-    )
-    return evaluate(b.var_params, it)
+    b = load_model_dir(workdir, need_generator=True)
+    evaluate = make_eval_fn(b.tok_cfg, b.gen_cfg)
+    it = sources.eval_batches(cfg.data, image_size=b.tok_cfg.image_size, global_batch_size=cfg.batch_size,
+                              process_index=0, process_count=1)
+    return evaluate(b.gen_params, b.tok_params, it)
+
+
+def model_fid(workdir, inception: str, fid_ref: str, per_class: int = 16, seed: int = 0) -> dict:
+    """FID (and sFID, IS, precision, recall) of ``per_class`` samples of every class of a member (guidance 1.5,
+    no top-k or top-p)."""
+    from varjax import sampling
+    from varjax.core.model_dir import load_model_dir
+    from varjax.eval.consistency import sample_per_class
+    from varjax.eval.inception import fid_of_images
+
+    b = load_model_dir(workdir, need_generator=True)
+    opts = sampling.get(b.family).options({}, cfg=1.5, top_k=0, top_p=0.0)
+    imgs, _, _ = sample_per_class(b, per_class, opts, seed, b.gen_cfg.num_classes)
+    return fid_of_images(imgs, inception, fid_ref)
 
 
 def member_record(workdir: Path, evaluate: bool = True) -> dict | None:
     """The fit record of a finished member, or None when it is not finished."""
-    from varjax.train.config_utils import load_config_json
-
     workdir = paths.resolve(workdir)
     acc_f = workdir / ACCOUNTING_JSON
     if not acc_f.is_file():
@@ -372,7 +275,7 @@ def member_record(workdir: Path, evaluate: bool = True) -> dict | None:
         if not evaluate:
             return None
         print(f"[sweep] {workdir.name}: no final evaluation logged; evaluating the last checkpoint", flush=True)
-        final = {**final, **evaluate_workdir(workdir, load_config_json(str(workdir)))}
+        final = {**final, **evaluate_workdir(workdir, ml_collections.ConfigDict(config.load_saved(workdir)))}
     rec = {
         "name": workdir.name,
         "N": acc["N"],
@@ -419,7 +322,7 @@ def fit(root: str, out: str | None = None, evaluate: bool = True, inception: str
 
     rootp = paths.resolve(root)
     if not rootp.is_dir():
-        raise SystemExit(f"error: sweep root {root} does not exist")
+        raise FileNotFoundError(2, "no such sweep root", str(root))
     out = out or str(rootp / "fit")
     records, skipped = [], []
     for d in _member_dirs(rootp):
@@ -428,11 +331,9 @@ def fit(root: str, out: str | None = None, evaluate: bool = True, inception: str
     if skipped:
         print(f"[sweep] not finished (left out): {', '.join(skipped)}", flush=True)
     if len(records) < 2:
-        raise SystemExit(f"error: {len(records)} finished member(s) under {root}; a fit needs at least 2.")
+        raise ValueError(f"{len(records)} finished member(s) under {root}; a fit needs at least 2.")
     records.sort(key=lambda r: r["N"])
     if inception or fid_ref:
-        from varjax.evaluate import model_fid
-
         for r in records:
             r["fid"] = model_fid(rootp / r["name"], inception, fid_ref, per_class=fid_per_class)["fid"]
     report = scaling_report(records, Y_KEYS + (("fid",) if inception or fid_ref else ()))
@@ -455,33 +356,35 @@ def fit(root: str, out: str | None = None, evaluate: bool = True, inception: str
 # ----------------------------------------------------------------------------------------------------------
 # Command line.
 
-USAGE = """usage:
-  varjax sweep launch --config SWEEP.py[:args] --root DIR [--print-commands] [--only a,b] [--config.field=value ...]
-  varjax sweep fit --root DIR [--out DIR/fit] [--inception W.pth --fid-ref STATS.npz]"""
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="sweep_command", required=True)
+    la = sub.add_parser("launch", help="train every member of a sweep (idempotent), or print their commands")
+    la.add_argument("--config", required=True, help="sweep config file, e.g. configs/sweep_shapes.py[:args] "
+                    "(fields: --config.field=value, applied to every member)")
+    la.add_argument("--root", required=True, help="sweep directory; member <name> trains in ROOT/<name>")
+    la.add_argument("--print-commands", action="store_true", help="print one `varjax train` line per member")
+    la.add_argument("--only", default=None, help="comma-separated member names (default: all)")
+    fi = sub.add_parser("fit", help="fit scaling laws to a finished sweep")
+    fi.add_argument("--root", required=True)
+    fi.add_argument("--out", default=None, help="output folder (default ROOT/fit)")
+    fi.add_argument("--no-eval", action="store_true", help="leave out members without a logged final eval")
+    fi.add_argument("--inception", default=None, help="Inception weights: also fit each member's FID")
+    fi.add_argument("--fid-ref", default=None, help="reference statistics .npz for FID (see `varjax fid`)")
+    fi.add_argument("--fid-per-class", type=int, default=16, help="samples per class for FID")
 
 
-def run_cli(argv: list[str]) -> None:
-    if len(argv) < 2 or argv[1] in ("-h", "--help"):
-        print(__doc__ + "\n" + USAGE)
-        if len(argv) < 2:
-            raise SystemExit(2)
-        return
-    sub, rest = argv[1], argv[2:]
-    prog = f"{argv[0]} {sub}"
-    if sub == "launch":
-        a, overrides = _parse_launch([prog, *rest])
-        launch(a.config, a.root, overrides, print_commands=a.print_commands, only=a.only.split(",") if a.only else None)
-    elif sub == "fit":
-        p = argparse.ArgumentParser(prog=prog, description="fit scaling laws to a finished sweep")
-        p.add_argument("--root", required=True)
-        p.add_argument("--out", default=None, help="output folder (default ROOT/fit)")
-        p.add_argument("--no-eval", action="store_true", help="leave out members without a logged final eval")
-        p.add_argument("--inception", default=None, help="Inception weights: also fit each member's FID")
-        p.add_argument("--fid-ref", default=None, help="reference statistics .npz for FID (see `varjax fid`)")
-        p.add_argument("--fid-per-class", type=int, default=16, help="samples per class for FID")
-        a = p.parse_args(rest)
+def command(a, rest: list[str]) -> None:
+    """``varjax sweep launch|fit``: ``rest`` holds launch's ``--config.field=value`` overrides."""
+    rest, parsed = config.split_overrides(rest)
+    if rest or (parsed and a.sweep_command != "launch"):
+        raise ValueError(f"unrecognized arguments {rest or parsed}; config overrides are written "
+                         "--config.field=value and belong to `sweep launch`")
+    if a.sweep_command == "launch":
+        # normalised to '--config.x=value', so the overrides can be forwarded verbatim to `varjax train`
+        overrides = [f"--config.{key}={text}" for key, text in parsed]
+        launch(a.config, a.root, overrides, print_commands=a.print_commands,
+               only=a.only.split(",") if a.only else None)
+    else:
         fit(a.root, a.out, evaluate=not a.no_eval, inception=a.inception, fid_ref=a.fid_ref,
             fid_per_class=a.fid_per_class)
-    else:
-        print(USAGE, file=sys.stderr)
-        raise SystemExit(f"error: unknown sweep command {sub!r}; expected 'launch' or 'fit'.")

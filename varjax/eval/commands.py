@@ -1,0 +1,115 @@
+"""The scoring commands: ``eval`` (the embedded data's numbers), ``fid`` (FID and its relatives) and
+``sample-many`` (many samples for FID); each a parser and a function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from varjax.core import paths
+from varjax.core.errors import at_least, in_range
+
+
+def eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="model directory or training workdir (a generator or a tokenizer)")
+    p.add_argument("--per-class", type=at_least(1, int), default=16, help="samples per class")
+    p.add_argument("--heldout", type=at_least(1, int), default=256, help="held-out images for the tokenizer PSNR")
+    p.add_argument("--cfg", type=at_least(0.0), default=None, help="guidance scale >= 0 (default: VAR 1.5, E-CAR "
+                   "the model's)")
+    p.add_argument("--top-k", type=at_least(0, int), default=0, help="VAR: keep the k most likely codes (0: all)")
+    p.add_argument("--top-p", type=in_range(0.0, 1.0), default=0.0, help="VAR: nucleus mass in [0, 1] (0: off)")
+    p.add_argument("--flow-steps", type=at_least(0, int), default=0, help="E-CAR: flow steps per stage (0: the "
+                   "model's)")
+    p.add_argument("--solver", default="", help="E-CAR: euler or heun (default: the model's)")
+    p.add_argument("--temperature", type=at_least(0.0), default=None, help="E-CAR: noise scale (default: the "
+                   "model's)")
+    p.add_argument("--no-ema", action="store_true", help="the raw trained weights instead of their EMA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default=None, help="optional PNG grid of the samples (one row per class)")
+    p.add_argument("--out", default=None, help="JSON file (default: CKPT/eval.json)")
+    p.add_argument("--inception", default=None, help="Inception weights (pt_inception-2015-12-05-*.pth) for FID")
+    p.add_argument("--fid-ref", default=None, help="reference statistics .npz for FID (see `varjax fid`)")
+    p.add_argument("--shape-ref", type=at_least(0, int), default=600,
+                   help="test images as the reference of shape_fd / shape_precision / shape_recall (0: off)")
+
+
+def evaluate(a) -> None:
+    from varjax.eval.consistency import evaluate as run
+
+    flags = {k: getattr(a, k) for k in ("cfg", "top_k", "top_p", "flow_steps", "solver", "temperature")}
+    res = run(a.ckpt, per_class_n=a.per_class, num_heldout=a.heldout, flags=flags, seed=a.seed, grid=a.grid,
+              inception=a.inception, fid_ref=a.fid_ref, ema=not a.no_ema, shape_ref=a.shape_ref)
+    out = a.out or paths.resolve(a.ckpt) / "eval.json"
+    paths.write_json(out, res)
+    print(json.dumps(res, indent=2))
+    print(f"[eval] wrote {out}")
+
+
+def fid_args(p: argparse.ArgumentParser) -> None:
+    from varjax.models.inception import PREPROCESS
+
+    p.add_argument("--samples", required=True, help="folder, ADM .npz (arr_0), tfds:NAME/SPLIT or statistics .npz")
+    p.add_argument("--ref", required=True, help="the same kinds, e.g. VIRTUAL_imagenet256_labeled.npz")
+    p.add_argument("--inception", default=None, help="pt_inception-2015-12-05-*.pth (pytorch-fid's FID weights)")
+    p.add_argument("--out", default=None, help="JSON (default: next to --samples, <name>_fid.json)")
+    p.add_argument("--batch-size", type=at_least(1, int), default=64, help="images per Inception call, over all "
+                   "devices")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="Inception compute dtype")
+    p.add_argument("--image-size", type=at_least(1, int), default=256, help="centre-crop size for tfds: inputs")
+    p.add_argument("--preprocess", choices=PREPROCESS, default="torch",
+                   help="resize and scaling before the network: torch (pytorch-fid) or adm (ADM's TF graph)")
+
+
+def fid(a) -> None:
+    import jax.numpy as jnp
+
+    from varjax.eval.inception import evaluate_fid
+
+    if a.out:
+        out = Path(a.out)
+    elif a.samples.startswith("tfds:"):
+        out = Path("fid.json")
+    else:
+        s = Path(a.samples)
+        out = s.with_name(s.name.removesuffix(".npz") + "_fid.json")
+    res = evaluate_fid(a.samples, a.ref, a.inception, out, a.batch_size, jnp.dtype(a.dtype), a.image_size,
+                       a.preprocess)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    print(f"[fid] wrote {out}")
+
+
+def sample_many_args(p: argparse.ArgumentParser) -> None:
+    from varjax.sampling.commands import sampling_flags
+
+    p.add_argument("--ckpt", required=True, help="model directory (varjax convert) or training workdir")
+    p.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
+    p.add_argument("--per-class", type=at_least(1, int), default=50)
+    p.add_argument("--classes", default="all", help="all | 0-99 | 3,7")
+    sampling_flags(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=at_least(1, int), default=None, help="global batch (default 8 per device)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="VAR transformer compute "
+                   "dtype")
+    p.add_argument("--max-chunks", type=at_least(1, int), default=None, help="stop after this many new chunks "
+                   "(resume later)")
+
+
+def sample_many(a) -> None:
+    from varjax import sampling
+    from varjax.core import distributed
+    from varjax.core.model_dir import load_model_dir
+    from varjax.eval.sample_many import parse_classes, sample_many
+
+    distributed.init_distributed()  # pods and clusters are detected from the environment; one process otherwise
+    b = load_model_dir(a.ckpt, need_generator=True, ema=not a.no_ema)
+    opts = sampling.get(b.family).options(sampling.defaults(b), **vars(a))
+    classes = parse_classes(a.classes, b.gen_cfg.num_classes)
+    res = sample_many(b, a.out, classes=classes, per_class=a.per_class, opts=opts, seed=a.seed,
+                      batch_size=a.batch_size, max_chunks=a.max_chunks)
+    if res.npz is None:
+        print(f"[sample-many] stopped after {res.generated_chunks} new chunks; re-run to continue")
+    else:
+        print(f"[sample-many] {res.num_samples} samples ({res.generated_chunks} chunks generated now) -> {res.npz}")
