@@ -5,7 +5,7 @@
 Runs the trainer's own jitted step (``var_trainer.build_task``: tokenizer teacher-forcing inputs, forward,
 backward, AdamW update) on the available devices with synthetic token batches (random token ids fed as
 ``tokens``, so the tokenizer's encoder is not timed). FLOPs per step come from the analytic count in
-``varjax.scaling.flops`` (3 x forward matmul FLOPs, block-causal attention counted as 'masked');
+``varjax.models.flops`` (3 x forward matmul FLOPs, block-causal attention counted as 'masked');
 MFU = achieved FLOP/s / (devices x peak FLOP/s). Peak FLOP/s per device come from ``--peak-tflops`` or the
 small table below (dense bf16 figures); on a device not in the table MFU is left out.
 """
@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
 
-    from varjax.scaling import flops
+    from varjax.models import flops
 
     step, state, batches, model_cfg = build(a)
     L = model_cfg.L

@@ -14,7 +14,7 @@ instant of the step is shared equally among the ops running at that instant.
 Each op is put in a category from its HLO name and the ``op_name`` of the JAX operation it came from (the
 compiled HLO's metadata): the transformer's weight products, the attention (its products and softmax), the
 scan's stacked buffers (zero-filled, then written once per block) and everything else. Achieved GFLOP/s use the
-analytic FLOPs of ``varjax.scaling.flops`` (3 x forward; attention counted for the visible key prefix only).
+analytic FLOPs of ``varjax.models.flops`` (3 x forward; attention counted for the visible key prefix only).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def wall_shares(intervals: list[tuple[float, float, str]]) -> tuple[collections.
 
 
 def analytic_gflop(model_cfg, batch_size: int) -> dict[str, float]:
-    from varjax.scaling import flops
+    from varjax.models import flops
 
     b = flops.matmul_flops_breakdown(model_cfg, "masked")
     attention = b.get("attn_scores", 0) + b.get("attn_values", 0)

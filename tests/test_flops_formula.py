@@ -1,4 +1,4 @@
-"""Analytic parameter and FLOP counts (varjax/scaling/flops.py)."""
+"""Analytic parameter and FLOP counts (varjax/models/flops.py)."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import GOLDEN
-from varjax.scaling import flops
+from varjax.models import flops
 
 LAYOUTS = GOLDEN / "official_checkpoint_layouts.json"
 OFFICIAL_PARAMS = {

@@ -1,4 +1,4 @@
-"""The analytic FLOP count (varjax/scaling/flops.py) against XLA's cost analysis of the compiled forward pass.
+"""The analytic FLOP count (varjax/models/flops.py) against XLA's cost analysis of the compiled forward pass.
 
 With ``attention='reference'`` the model computes the full L x L attention scores and then applies the
 block-causal mask, so the compiled program does the dense attention work: XLA's count matches
@@ -14,7 +14,7 @@ import pytest
 from flax.core import meta
 
 from varjax.models.var import VAR, VARConfig
-from varjax.scaling import flops
+from varjax.models import flops
 
 
 def xla_forward_flops(cfg: VARConfig, batch: int) -> float:

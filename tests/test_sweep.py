@@ -10,7 +10,8 @@ import pytest
 
 from varjax import ckpt
 from varjax.models.vqvae import VQVAE, VQVAEConfig
-from varjax.scaling import flops, sweep
+from varjax.models import flops
+from varjax.scaling import sweep
 
 CONFIG = "configs/sweep_shapes.py:runlocal,width=8,steps=2"
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
