@@ -13,7 +13,10 @@ that exists is a finished checkpoint; :meth:`Checkpointer.latest_step` only sees
 
 from __future__ import annotations
 
+import logging
+import re
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,10 +32,47 @@ _STATE = "state"
 _META = "meta"
 
 
+# ------------------------------------------------------------------------------ library messages said once
+
+
+class _SaidByVarjax(logging.Filter):
+    """Drops what Orbax and TensorStore print about a failure that :class:`Checkpointer` re-raises (and the command
+    reports in one paragraph): the background threads' ERROR records, asyncio's "never retrieved" record of the
+    failed write tasks, and the note that an item read as a plain directory has no metadata file of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.name == "asyncio":
+            return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+        if message.startswith("Metadata file does not exist"):
+            return False
+        return not (record.levelno >= logging.ERROR and "/orbax/" in (record.pathname or ""))
+
+
+def _unraisable(unraisable, default=sys.unraisablehook) -> None:
+    # TensorStore completes writes that failed after Orbax closed their event loop: each completion reports
+    # "Event loop is closed" from a C++ thread. The failure itself is raised (and reported) once.
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    default(unraisable)
+
+
+for _name in ("absl", "asyncio"):
+    logging.getLogger(_name).addFilter(_SaidByVarjax())
+sys.unraisablehook = _unraisable
+
+
 def _reason(e: BaseException) -> str:
-    """The first line of a library error (TensorStore's messages run over many lines of context)."""
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:400]
+    """What went wrong, in a few words: the operating system's reason and the file for a failed TensorStore write
+    (its messages run over many lines of context), else the error's first line."""
+    text = str(e).strip()
+    os_reason = re.search(r"([A-Z][A-Za-z ]+?) \[os_error_code", text)
+    if os_reason:
+        places = (re.search(p + r' "([^"]+)"', text) for p in ("Failed writing", "local file", "Error writing"))
+        where = [m.group(1) for m in places if m]
+        return os_reason.group(1) + (f", writing {where[0]}" if where else "")
+    first = (text.splitlines() or [type(e).__name__])[0]
+    return first if len(first) <= 300 else first[:300] + "..."
 
 
 class Checkpointer:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from typing import Any
 
 import jax
@@ -40,18 +39,6 @@ from varjax.core.checkpoint import load_params_dir, save_params_dir
 from varjax.core.errors import StorageError
 from varjax.models import families
 from varjax.models.var import PARAM_LAYOUT
-
-
-
-class _NoMissingMetadataWarning(logging.Filter):
-    """Orbax warns that an item inside a training checkpoint has no metadata file of its own when it is read as a
-    plain directory (the step's metadata is one level up); reading one subtree of it that way is intended."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Metadata file does not exist")
-
-
-logging.getLogger("absl").addFilter(_NoMissingMetadataWarning())
 
 MODEL_JSON = "varjax_model.json"
 FORMAT = "varjax-model"

@@ -224,9 +224,9 @@ def build(plan, mesh, abstract: bool = False) -> Task:
                 "loss": loss,
                 "lr": hp["lr"],
                 "wd": hp["wd"],
-                "grad_norm": optax.global_norm(grads),
-                "param_norm": optax.global_norm(params),
-                "update_norm": optax.global_norm(updates),
+                "grad_norm": optax.tree.norm(grads),
+                "param_norm": optax.tree.norm(params),
+                "update_norm": optax.tree.norm(updates),
                 "prog_si": jnp.asarray(prog_si, jnp.float32),
                 **hits,
             }
