@@ -472,10 +472,11 @@ def resolve(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, p
         num_devices, process_count = jax.device_count(), jax.process_count()
     process_count = process_count or 1
     tok_dir, tok_cfg = tokenizer or task.tokenizer_of(cfg)
+    derived = task.derive(cfg, tok_cfg)
     data = data or sources.plan(
         cfg.data, latents_cache=cfg.latents_cache, allowed=task.SOURCES, task=cfg.task,
-        image_size=task.image_size(cfg, tok_cfg), global_batch_size=cfg.batch_size, process_count=process_count,
-        num_classes_override=task.num_classes_override(cfg),
+        image_size=derived.image_size, global_batch_size=cfg.batch_size, process_count=process_count,
+        num_classes_override=derived.num_classes,
     )
     total = steps_from(cfg, "total", steps_per_epoch=data.steps_per_epoch, examples_per_step=cfg.batch_size)
     if total < 1:
@@ -498,13 +499,13 @@ def resolve(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, p
         model=task.model_config(cfg, data.num_classes, tok_cfg),
         tokenizer_dir=tok_dir,
         tokenizer=tok_cfg,
-        dtype=task.dtype(cfg),
+        dtype=derived.dtype,
         seed=int(cfg.seed),
         batch_size=int(cfg.batch_size),
         steps_per_epoch=data.steps_per_epoch,
         total_steps=int(total),
         warmup_steps=int(warmup),
-        peak_lr=float(task.peak_lr(cfg)),
+        peak_lr=float(derived.peak_lr),
         mesh=tuple(sizes.items()),
         rules=mesh_lib.normalize_rules(cfg.rules),
         ema_decay=float(cfg.ema_decay),

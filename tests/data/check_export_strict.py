@@ -1,9 +1,12 @@
 """Loads the files of ``varjax export`` into the official PyTorch models with ``strict=True`` (not run by pytest).
 
     varjax convert --vae tests/data/golden/vqvae_public.pth --var tests/data/golden/var_public.pth \
-        --patch-nums 1,2,3,4,6,8 --out /tmp/golden_model
-    varjax export --ckpt /tmp/golden_model --out /tmp/golden_export
-    /work/torchenv/bin/python tests/data/check_export_strict.py /tmp/golden_export [path/to/FoundationVision/VAR]
+        --patch-nums 1,2,3,4,6,8 --out golden_model
+    varjax export --ckpt golden_model --out golden_export
+    TORCH_PYTHON tests/data/check_export_strict.py golden_export VAR_CHECKOUT
+
+TORCH_PYTHON is a Python with torch installed (a throwaway environment: torch is no dependency of varjax) and
+VAR_CHECKOUT a checkout of FoundationVision/VAR.
 
 The models are built with the hyper-parameters of tests/data/golden/case_public.json.
 """
@@ -18,7 +21,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def main(export_dir: str, ref_repo: str = "/work/ref/VAR") -> None:
+def main(export_dir: str, ref_repo: str) -> None:
     sys.path.insert(0, ref_repo)
     try:
         import huggingface_hub  # noqa: F401  (models/var.py only uses its mixin for Hub uploads)

@@ -2,7 +2,7 @@
 
 Run with the throwaway torch environment (torch, torchvision, pytorch-fid), from the repository root:
 
-    /work/torchenv/bin/python tests/data/make_inception_golden.py
+    TORCH_PYTHON tests/data/make_inception_golden.py   (a Python with torch, torchvision and pytorch-fid)
 
 The weights are not stored (the network has 24M parameters): :func:`random_state_dict` draws them from the
 parameter names alone, with numpy, so the test rebuilds the same state dict torch-free and writes it as a

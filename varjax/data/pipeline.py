@@ -266,10 +266,8 @@ def build_train_iter(
 ):
     """Training batches of this process's shards (``cfg.num_shards``, 0: one per process; see
     ``varjax.data.iterator.sharded``)."""
-    return iterator.sharded(
-        lambda shard, n: _build_shard_iter(cfg, image_size=image_size, global_batch_size=global_batch_size,
-                                           process_index=shard, process_count=n, seed=seed),
-        int(cfg.num_shards), process_index, process_count)
+    return iterator.sharded(lambda shard, n: _shard_iter(cfg, image_size, global_batch_size, shard, n, seed),
+                            int(cfg.num_shards), process_index, process_count)
 
 
 def steps_per_epoch(cfg: ml_collections.ConfigDict, global_batch_size: int, num_shards: int) -> int:
@@ -286,18 +284,11 @@ def steps_per_epoch(cfg: ml_collections.ConfigDict, global_batch_size: int, num_
     return iterator.steps_per_epoch(sizes, global_batch_size // num_shards, f"split {split!r}")
 
 
-def _build_shard_iter(
-    cfg: ml_collections.ConfigDict,
-    *,
-    image_size: int,
-    global_batch_size: int,
-    process_index: int,
-    process_count: int,
-    seed: int,
-) -> DataIterator:
-    """Endless, shuffled, augmented training batches of one shard (see the module docstring): {'image': (b,
-    image_size, image_size, 3) float32 in [-1, 1], 'label': (b,) int32}, b = global_batch_size // process_count.
-    """
+def _shard_iter(cfg: ml_collections.ConfigDict, image_size: int, global_batch_size: int, process_index: int,
+                process_count: int, seed: int) -> DataIterator:
+    """Endless, shuffled, augmented training batches of shard ``process_index`` of ``process_count`` (see the module
+    docstring): {'image': (b, image_size, image_size, 3) float32 in [-1, 1], 'label': (b,) int32},
+    b = global_batch_size // process_count."""
     batch = iterator.per_process_batch(global_batch_size, process_index, process_count)
     _hide_accelerators_from_tf()
     source = _open_source(cfg, cfg.train_split, process_index, process_count)

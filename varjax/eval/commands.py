@@ -8,23 +8,16 @@ import json
 from pathlib import Path
 
 from varjax.core import paths
-from varjax.core.errors import at_least, in_range
+from varjax.core.errors import at_least
 
 
 def eval_args(p: argparse.ArgumentParser) -> None:
+    from varjax.sampling.commands import sampling_flags
+
     p.add_argument("--ckpt", required=True, help="model directory or training workdir (a generator or a tokenizer)")
     p.add_argument("--per-class", type=at_least(1, int), default=16, help="samples per class")
     p.add_argument("--heldout", type=at_least(1, int), default=256, help="held-out images for the tokenizer PSNR")
-    p.add_argument("--cfg", type=at_least(0.0), default=None, help="guidance scale >= 0 (default: VAR 1.5, E-CAR "
-                   "the model's)")
-    p.add_argument("--top-k", type=at_least(0, int), default=0, help="VAR: keep the k most likely codes (0: all)")
-    p.add_argument("--top-p", type=in_range(0.0, 1.0), default=0.0, help="VAR: nucleus mass in [0, 1] (0: off)")
-    p.add_argument("--flow-steps", type=at_least(0, int), default=0, help="E-CAR: flow steps per stage (0: the "
-                   "model's)")
-    p.add_argument("--solver", default="", help="E-CAR: euler or heun (default: the model's)")
-    p.add_argument("--temperature", type=at_least(0.0), default=None, help="E-CAR: noise scale (default: the "
-                   "model's)")
-    p.add_argument("--no-ema", action="store_true", help="the raw trained weights instead of their EMA")
+    sampling_flags(p, top_k=0, top_p=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default=None, help="optional PNG grid of the samples (one row per class)")
     p.add_argument("--out", default=None, help="JSON file (default: CKPT/eval.json)")
@@ -37,7 +30,8 @@ def eval_args(p: argparse.ArgumentParser) -> None:
 def evaluate(a) -> None:
     from varjax.eval.consistency import evaluate as run
 
-    flags = {k: getattr(a, k) for k in ("cfg", "top_k", "top_p", "flow_steps", "solver", "temperature")}
+    flags = {k: getattr(a, k) for k in ("cfg", "top_k", "top_p", "more_smooth", "flow_steps", "solver",
+                                        "temperature")}
     res = run(a.ckpt, per_class_n=a.per_class, num_heldout=a.heldout, flags=flags, seed=a.seed, grid=a.grid,
               inception=a.inception, fid_ref=a.fid_ref, ema=not a.no_ema, shape_ref=a.shape_ref)
     out = a.out or paths.resolve(a.ckpt) / "eval.json"

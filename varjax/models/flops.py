@@ -26,6 +26,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from varjax.models.var import ScaleSchedule
+
 REQUIRED_KEYS = ("depth", "embed_dim", "num_heads", "patch_nums")
 DEFAULTS: dict[str, Any] = {
     "mlp_ratio": 4.0,
@@ -40,7 +42,7 @@ _MISSING = object()
 
 
 @dataclasses.dataclass(frozen=True)
-class VarDims:
+class VarDims(ScaleSchedule):
     """The integer sizes that determine VAR's parameter and FLOP counts."""
 
     depth: int
@@ -54,15 +56,6 @@ class VarDims:
     shared_aln: bool
     attn_l2_norm: bool
 
-    @property
-    def L(self) -> int:
-        """Tokens per sequence: sum of pn**2 over scales."""
-        return sum(pn * pn for pn in self.patch_nums)
-
-    @property
-    def first_l(self) -> int:
-        """Tokens of the first scale (they come from the class embedding, not from `word_embed`)."""
-        return self.patch_nums[0] ** 2
 
 
 def _lookup(cfg: Any, key: str) -> Any:

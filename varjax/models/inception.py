@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from varjax.models.resize import resize_bilinear
+from varjax.models.resize import linear_weights, resize_bilinear
 
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # the ADM evaluator keeps mixed_6/conv[..., :7]
@@ -176,14 +176,7 @@ class InceptionE(nn.Module):
 def tf1_bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) weights of TF1's ``ResizeBilinear`` (align_corners=False, half_pixel_centers=False)."""
     # float32 coordinates, as the TF kernel computes them
-    src = (np.arange(n_out, dtype=np.float32) * np.float32(n_in / n_out)).astype(np.float64)
-    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    t = src - lo
-    w = np.zeros((n_out, n_in), dtype=np.float64)
-    np.add.at(w, (np.arange(n_out), lo), 1 - t)
-    np.add.at(w, (np.arange(n_out), hi), t)
-    return w
+    return linear_weights((np.arange(n_out, dtype=np.float32) * np.float32(n_in / n_out)).astype(np.float64), n_in)
 
 
 def resize_tf1_bilinear(x_BHWC: jax.Array, size: int) -> jax.Array:

@@ -15,11 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from varjax.models.dict_config import DictConfig
 from varjax.models.vqvae import Decoder, Encoder, VQVAEConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class KLAEConfig:
+class KLAEConfig(DictConfig):
     """Hyper-parameters of the continuous tokenizer. Downsampling is ``2 ** (len(ch_mult) - 1)``."""
 
     z_channels: int = 16
@@ -52,16 +53,6 @@ class KLAEConfig:
             dropout=self.dropout,
             num_groups=self.num_groups,
         )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> KLAEConfig:
-        d = dict(d)
-        if "ch_mult" in d:
-            d["ch_mult"] = tuple(d["ch_mult"])
-        return cls(**d)
 
 
 def kl_divergence(mean, logvar):

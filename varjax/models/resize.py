@@ -75,13 +75,18 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     Unlike cubic, torch clamps negative source coordinates to 0 for linear modes.
     """
     scale = n_in / n_out
-    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    return linear_weights(np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0), n_in)
+
+
+def linear_weights(src_out: np.ndarray, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of linear interpolation at the source coordinates ``src_out`` (>= 0), the upper
+    neighbour clamped to the last input, as torch's and TF's kernels do."""
+    lo = np.minimum(np.floor(src_out).astype(np.int64), n_in - 1)
     hi = np.minimum(lo + 1, n_in - 1)
-    t = src - lo
-    w = np.zeros((n_out, n_in), dtype=np.float64)
-    np.add.at(w, (np.arange(n_out), lo), 1 - t)
-    np.add.at(w, (np.arange(n_out), hi), t)
+    t = src_out - lo
+    w = np.zeros((len(src_out), n_in), dtype=np.float64)
+    np.add.at(w, (np.arange(len(src_out)), lo), 1 - t)
+    np.add.at(w, (np.arange(len(src_out)), hi), t)
     return w
 
 

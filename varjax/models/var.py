@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from varjax.models.attention import IMPLEMENTATIONS, block_causal_attention
+from varjax.models.dict_config import DictConfig
 from varjax.models.vqvae import PATCH_NUMS_256
 
 Dtype = jnp.dtype
@@ -40,8 +41,21 @@ REMAT_POLICIES = {
 }
 
 
+class ScaleSchedule:
+    """Mixin of configs with a ``patch_nums`` schedule: ``L``, the tokens of all scales, and ``first_l``, those of the
+    first (they come from the class embedding, not from ``word_embed``)."""
+
+    @property
+    def L(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+    @property
+    def first_l(self) -> int:
+        return self.patch_nums[0] ** 2
+
+
 @dataclasses.dataclass(frozen=True)
-class VARConfig:
+class VARConfig(DictConfig, ScaleSchedule):
     """Hyper-parameters of the transformer (defaults: the released d16 at 256px)."""
 
     depth: int = 16
@@ -78,30 +92,12 @@ class VARConfig:
             raise ValueError(f"config.model.attention is {self.attention!r}; expected one of {IMPLEMENTATIONS}.")
 
     @property
-    def L(self) -> int:
-        return sum(pn * pn for pn in self.patch_nums)
-
-    @property
-    def first_l(self) -> int:
-        return self.patch_nums[0] ** 2
-
-    @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
     @property
     def std(self) -> float:
         return self.init_std if self.init_std >= 0 else math.sqrt(1 / self.embed_dim / 3)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VARConfig:
-        d = dict(d)
-        if "patch_nums" in d:
-            d["patch_nums"] = tuple(d["patch_nums"])
-        return cls(**d)
 
     @classmethod
     def official(cls, depth: int, **kw) -> VARConfig:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from varjax.models.dict_config import DictConfig
 from varjax.models.quant import VectorQuantizer
 from varjax.models.resize import upsample_nearest_2x
 
@@ -26,7 +27,7 @@ PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 
 @dataclasses.dataclass(frozen=True)
-class VQVAEConfig:
+class VQVAEConfig(DictConfig):
     """Hyper-parameters of the tokenizer (defaults: the released ``vae_ch160v4096z32``)."""
 
     vocab_size: int = 4096
@@ -53,17 +54,6 @@ class VQVAEConfig:
     @property
     def image_size(self) -> int:
         return self.patch_nums[-1] * self.downsample
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VQVAEConfig:
-        d = dict(d)
-        for k in ("ch_mult", "patch_nums"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
 
 
 def _norm(name: str, groups: int) -> nn.GroupNorm:

@@ -16,14 +16,15 @@ from varjax.core import paths
 from varjax.core.errors import at_least, in_range, ints
 
 
-def sampling_flags(p: argparse.ArgumentParser) -> None:
-    """Flags of every sampler (None / 0 / '': the model directory's default, else the release's)."""
+def sampling_flags(p: argparse.ArgumentParser, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Flags of every sampler (None / 0 / '': the model directory's default, else the release's: VAR guidance 1.5,
+    top-k 900, top-p 0.96); ``top_k`` / ``top_p`` give a command's own VAR defaults."""
     p.add_argument("--cfg", type=at_least(0.0), default=None,
                    help="guidance scale >= 0 (VAR: at the last scale; default 1.5; E-CAR: the model's)")
-    p.add_argument("--top-k", type=at_least(0, int), default=None, help="VAR: keep the k most likely codes (0: all; "
-                   "default 900)")
-    p.add_argument("--top-p", type=in_range(0.0, 1.0), default=None, help="VAR: nucleus mass in [0, 1] (0: off; "
-                   "default 0.96)")
+    p.add_argument("--top-k", type=at_least(0, int), default=top_k,
+                   help=f"VAR: keep the k most likely codes (0: all; default {900 if top_k is None else top_k})")
+    p.add_argument("--top-p", type=in_range(0.0, 1.0), default=top_p,
+                   help=f"VAR: nucleus mass in [0, 1] (0: off; default {0.96 if top_p is None else top_p})")
     p.add_argument("--more-smooth", action="store_true", help="VAR: Gumbel-smoothed codes (visualisation)")
     p.add_argument("--flow-steps", type=at_least(0, int), default=0, help="E-CAR: flow steps per stage (0: the "
                    "model's)")

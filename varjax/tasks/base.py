@@ -4,8 +4,8 @@ A task module (``varjax.tasks.tokenizer``, ``var``, ``ecar``) offers, at module 
 
 * ``SOURCES``: the data it can read (``"images"``, ``"tokens"``, ``"latents"``);
 * ``tokenizer_of(cfg) -> (dir, config) | (None, None)``: the frozen tokenizer it trains on;
-* ``image_size(cfg, tokenizer)``, ``num_classes_override(cfg)``, ``model_config(cfg, num_classes, tokenizer)``,
-  ``dtype(cfg)``, ``peak_lr(cfg)``: what :func:`varjax.config.resolve` derives for it;
+* ``derive(cfg, tokenizer) -> Derived`` and ``model_config(cfg, num_classes, tokenizer)``: what
+  :func:`varjax.config.resolve` derives for it;
 * ``build(plan, mesh) -> Task``: the state's init, the step, evaluation and the model-directory entry.
 
 The loop (``varjax.train``) does everything else identically for every task: data, mesh, checkpoints and
@@ -79,3 +79,22 @@ def fill_model_fields(cls, fields: dict, derived: dict, section: str = "config.m
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
     values.update(derived)
     return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """What ``varjax.config.resolve`` needs from a task besides its model config."""
+
+    image_size: int
+    num_classes: int | None  # None: the dataset's
+    dtype: str
+    peak_lr: float
+
+
+def generator_derive(cfg, tok) -> Derived:
+    """A generator's (var, ecar): its tokenizer's image size, ``config.model``'s classes and dtype, and the
+    reference's linear learning-rate rule ``ac * tblr * batch_size / 256``."""
+    from varjax.core import optim
+
+    return Derived(image_size=tok.image_size, num_classes=cfg.model.num_classes, dtype=str(cfg.model.dtype),
+                   peak_lr=optim.peak_lr(cfg.tblr, cfg.batch_size, cfg.opt.ac))

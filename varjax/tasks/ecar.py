@@ -25,30 +25,18 @@ from varjax.models import multistage_flow as msf
 from varjax.models.ecar import ECAR, ECARConfig
 from varjax.models.kl_ae import KLAE, KLAEConfig
 from varjax.sampling import codec
+from varjax.tasks import base
 from varjax.tasks.base import Task, fill_model_fields, frozen_tokenizer
 
 SOURCES = ("images", "latents")
 TRAIN_HINT = "train one with `varjax train-tokenizer --config configs/ecar_tokenizer_shapes.py --workdir DIR`"
 
 
+derive = base.generator_derive
+
+
 def tokenizer_of(cfg):
     return frozen_tokenizer(cfg, "kl", TRAIN_HINT)
-
-
-def image_size(cfg, tok: KLAEConfig) -> int:
-    return tok.image_size
-
-
-def num_classes_override(cfg) -> int | None:
-    return cfg.model.num_classes
-
-
-def dtype(cfg) -> str:
-    return str(cfg.model.dtype)
-
-
-def peak_lr(cfg) -> float:
-    return optim.peak_lr(cfg.tblr, cfg.batch_size, cfg.opt.ac)
 
 
 def model_config(cfg, num_classes: int, tok: KLAEConfig) -> ECARConfig:

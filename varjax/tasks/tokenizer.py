@@ -35,7 +35,7 @@ from varjax.models.discriminator import NLayerDiscriminator
 from varjax.models.kl_ae import KLAE, KLAEConfig
 from varjax.models.lpips import lpips_distance
 from varjax.models.vqvae import VQVAE, VQVAEConfig
-from varjax.tasks.base import Task, fill_model_fields
+from varjax.tasks.base import Derived, Task, fill_model_fields
 
 SOURCES = ("images",)
 # Fields of config.vae that may differ from the tokenizer named by config.init_from (they change training only).
@@ -145,20 +145,9 @@ def model_config(cfg, num_classes: int = 0, tok=None):
     return dataclasses.replace(loaded, **{k: want[k] for k in FINETUNE_OVERRIDABLE if k in want})
 
 
-def image_size(cfg, tok=None) -> int:
-    return model_config(cfg).image_size
-
-
-def num_classes_override(cfg) -> int:
-    return 0  # unconditional: the class count is not needed
-
-
-def dtype(cfg) -> str:
-    return "float32"
-
-
-def peak_lr(cfg) -> float:
-    return cfg.lr
+def derive(cfg, tok=None) -> Derived:
+    """Unconditional (no class count needed), float32, the absolute learning rate ``config.lr``."""
+    return Derived(image_size=model_config(cfg).image_size, num_classes=0, dtype="float32", peak_lr=cfg.lr)
 
 
 def _check(cfg) -> None:

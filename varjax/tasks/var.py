@@ -23,6 +23,7 @@ from varjax.data import sources
 from varjax.models import flops
 from varjax.models.var import VAR, VARConfig
 from varjax.models.vqvae import VQVAE, VQVAEConfig, split_scales
+from varjax.tasks import base
 from varjax.tasks.base import Task, fill_model_fields, frozen_tokenizer
 
 SOURCES = ("images", "tokens")
@@ -30,24 +31,11 @@ TRAIN_HINT = "convert the released one with `varjax convert --vae vae_ch160v4096
     "with `varjax train-tokenizer --config configs/tokenizer_shapes.py --workdir DIR`"
 
 
+derive = base.generator_derive
+
+
 def tokenizer_of(cfg):
     return frozen_tokenizer(cfg, "vq", TRAIN_HINT)
-
-
-def image_size(cfg, tok: VQVAEConfig) -> int:
-    return tok.image_size
-
-
-def num_classes_override(cfg) -> int | None:
-    return cfg.model.num_classes
-
-
-def dtype(cfg) -> str:
-    return str(cfg.model.dtype)
-
-
-def peak_lr(cfg) -> float:
-    return optim.peak_lr(cfg.tblr, cfg.batch_size, cfg.opt.ac)
 
 
 def model_config(cfg, num_classes: int, tok: VQVAEConfig) -> VARConfig:
