@@ -20,13 +20,21 @@ from varjax.interop import commands as interop_commands
 from varjax.sampling import commands as sampling_commands
 from varjax.scaling import sweep
 
+DESCRIPTION = """varjax: VAR (next-scale prediction) and E-CAR in JAX. `varjax COMMAND --help` lists a command's
+flags. Every failure ends in one `error:` paragraph and a non-zero exit code; `varjax --debug COMMAND ...` shows
+the Python traceback instead."""
+
+CONFIG_OVERRIDES = "Any config field is set with --config.FIELD=VALUE (e.g. --config.total_steps=100)."
+MAIN_OVERRIDES = ("--tok.FIELD=VALUE and --var.FIELD=VALUE (--ecar.FIELD=VALUE with --model ecar) override the "
+                  "tokenizer's and the generator's configs (configs/tokenizer_shapes.py, configs/var_shapes.py, ...).")
+
 
 @dataclasses.dataclass(frozen=True)
 class Command:
     help: str
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable
-    overrides: bool = False  # takes --PREFIX.field=value overrides: run(args, the remaining arguments)
+    overrides: str | None = None  # the --PREFIX.field=value overrides it takes: run(args, the remaining arguments)
 
 
 COMMANDS = {
@@ -43,17 +51,17 @@ COMMANDS = {
     "export": Command("model directory or training workdir -> the release's PyTorch .pth files",
                       interop_commands.export_args, interop_commands.export),
     "train": Command("train (or resume) the task a config file names: tokenizer, var or ecar",
-                     train.add_arguments, train.command, overrides=True),
+                     train.add_arguments, train.command, CONFIG_OVERRIDES),
     "train-tokenizer": Command("train (or resume) a tokenizer from a config file (the same as `train`)",
-                               train.add_arguments, train.command, overrides=True),
+                               train.add_arguments, train.command, overrides=CONFIG_OVERRIDES),
     "eval": Command("class consistency, the distribution metric and tokenizer scores on the embedded data (and "
                     "FID with --inception)", eval_commands.eval_args, eval_commands.evaluate),
     "sweep": Command("scaling-law sweeps: `sweep launch` trains the members, `sweep fit` fits the laws",
-                     sweep.add_arguments, sweep.command, overrides=True),
+                     sweep.add_arguments, sweep.command, overrides=CONFIG_OVERRIDES),
     "main": Command("the whole method on the embedded dataset: tokenizer, generator, samples and eval.json",
-                    demo.add_arguments, demo.command, overrides=True),
+                    demo.add_arguments, demo.command, MAIN_OVERRIDES),
     "compile": Command("compile a VAR training step ahead of time for a TPU slice or this host; memory and FLOPs",
-                       aot.add_arguments, aot.command, overrides=True),
+                       aot.add_arguments, aot.command, overrides=CONFIG_OVERRIDES),
     "sample-many": Command("many samples for FID over every device and host, resumable, ADM .npz output",
                            eval_commands.sample_many_args, eval_commands.sample_many),
     "fid": Command("FID, sFID, IS, precision and recall of image sets or statistics", eval_commands.fid_args,
@@ -62,11 +70,11 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="varjax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="varjax", description=DESCRIPTION)
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (first argument)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, c in COMMANDS.items():
-        c.arguments(sub.add_parser(name, help=c.help, description=c.help))
+        c.arguments(sub.add_parser(name, help=c.help, description=c.help, epilog=c.overrides))
     return p
 
 

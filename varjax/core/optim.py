@@ -299,3 +299,10 @@ def current_hparams(opt_state) -> dict[str, jax.Array]:
 def current_lr(opt_state) -> jax.Array:
     """Learning rate used by the latest applied update (see :func:`current_hparams`)."""
     return current_hparams(opt_state)["lr"]
+
+
+def for_plan(plan) -> optax.GradientTransformation:
+    """The optimizer of a resolved run (``varjax.config.Plan``): ``config.opt`` with the plan's peak learning rate,
+    total and warm-up steps."""
+    return make_optimizer(plan.config.opt, peak_lr=plan.peak_lr, total_steps=plan.total_steps,
+                          warmup_steps=plan.warmup_steps)

@@ -80,8 +80,7 @@ def build(plan, mesh) -> Task:
     ae_params = model_dir.load_params(plan.tokenizer_dir, "vae", sharding=mesh_lib.replicated_sharding(mesh))
     model_cfg = measured_model(plan, ae_params)
     model = ECAR(model_cfg, dtype=jnp.dtype(plan.dtype))
-    tx = optim.make_optimizer(cfg.opt, peak_lr=plan.peak_lr, total_steps=plan.total_steps,
-                              warmup_steps=plan.warmup_steps)
+    tx = optim.for_plan(plan)
     pns, wins = model_cfg.patch_nums, model_cfg.windows
     shift, scale = model_cfg.latent_shift, model_cfg.latent_scale
     Cv = model_cfg.Cvae

@@ -196,8 +196,7 @@ def build(plan, mesh) -> Task:
     lpips_params = load_lpips(cfg)
     use_lpips = lpips_params is not None
     d_loss_fn = losses.get_d_loss(cfg.disc_loss)
-    tx = optim.make_optimizer(cfg.opt, peak_lr=plan.peak_lr, total_steps=plan.total_steps,
-                              warmup_steps=plan.warmup_steps)
+    tx = optim.for_plan(plan)
     disc_tx = optax.adam(cfg.disc_lr, b1=cfg.disc_b1, b2=cfg.disc_b2)
     side = model_cfg.image_size
     reg_weight = float(cfg[plug.weight_field])

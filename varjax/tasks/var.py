@@ -170,8 +170,7 @@ def build(plan, mesh, abstract: bool = False) -> Task:
     cfg, model_cfg, vae_cfg = plan.config, plan.model, plan.tokenizer
     dt = jnp.dtype(plan.dtype)
     vae, var = VQVAE(vae_cfg), VAR(model_cfg, dtype=dt)
-    tx = optim.make_optimizer(cfg.opt, peak_lr=plan.peak_lr, total_steps=plan.total_steps,
-                              warmup_steps=plan.warmup_steps)
+    tx = optim.for_plan(plan)
     replicated = mesh_lib.replicated_sharding(mesh)
     vae_params = abstract_tokenizer(vae_cfg, replicated) if abstract else \
         model_dir.load_params(plan.tokenizer_dir, "vae", sharding=replicated)
