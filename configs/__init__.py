@@ -1,1 +1,1 @@
-"""Config files of varjax (installed as the package ``varjax.configs``; see ``varjax.config_files``)."""
+"""Config files of varjax (installed as the package ``varjax.configs``; see ``varjax.config``)."""
