@@ -7,7 +7,8 @@ One table, one row per model family (``--model var``, the default, or ``ecar``);
 2. encodes the training split once (a token or latent cache, ``DIR/tokens_train`` / ``DIR/latents_train``) and
    trains the generator on it (``configs/var_shapes.py`` / ``configs/ecar_shapes.py``) in ``DIR/var`` /
    ``DIR/ecar``;
-3. samples a PNG grid (``DIR/samples.png``, one row per class) and writes ``DIR/eval.json`` (see
+3. samples a PNG grid (``DIR/samples.png``, one row per class, beside ``DIR/real_samples.png``, held-out real
+   images in the same arrangement) and writes ``DIR/eval.json`` (see
    ``varjax.eval.consistency``: class consistency, the distribution metric, the tokenizer's scores, the
    sampler's cost).
 
@@ -27,7 +28,8 @@ from varjax.core import paths
 from varjax.core.errors import at_least
 from varjax.core.model_dir import load_model_dir
 from varjax.data import caches
-from varjax.eval.consistency import evaluate
+from varjax.data.images import save_grid
+from varjax.eval.consistency import evaluate, real_per_class
 from varjax.sampling.codec import encode_split
 
 
@@ -89,10 +91,12 @@ def run(model: str, workdir: str, tok_overrides: list[tuple[str, str]], gen_over
     train.train(config.resolve(gen_cfg), str(wd / demo.prefix))
     print(f"[main] 3/3 sampling and evaluating ({time.time() - t0:.0f}s so far)", flush=True)
     res = evaluate(str(wd / demo.prefix), per_class_n=per_class, flags=demo.sampling, grid=str(wd / "samples.png"))
+    save_grid(str(wd / "real_samples.png"), real_per_class(per_class, res["image_size"]), nrow=per_class)
     res["total_seconds"] = time.time() - t0
     paths.write_json(wd / "eval.json", res)
     print(json.dumps(res, indent=2))
-    print(f"[main] samples: {wd / 'samples.png'}   numbers: {wd / 'eval.json'}")
+    print(f"[main] samples: {wd / 'samples.png'} (real test images: {wd / 'real_samples.png'})   numbers: "
+          f"{wd / 'eval.json'}")
     return res
 
 

@@ -40,6 +40,13 @@ def held_out_images(n: int, size: int, start: int = 0) -> tuple[np.ndarray, np.n
     return images, np.asarray([lab for _, lab in drawn], np.int32)
 
 
+def real_per_class(per_class_n: int, size: int, classes: int = NUM_CLASSES) -> np.ndarray:
+    """Held-out test images arranged as the samples are, class by class: (classes * per_class_n, size, size, 3)
+    in [0, 1] (test image ``i`` has class ``i % NUM_CLASSES``)."""
+    images, _ = held_out_images(per_class_n * NUM_CLASSES, size)
+    return np.concatenate([images[c::NUM_CLASSES] for c in range(classes)])
+
+
 def class_consistency(images01: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     """(fraction of images the detector reads as their label, the detector's predictions (n,))."""
     pred = np.asarray(classify_shapes((np.asarray(images01) * 255).round().astype(np.uint8)))
