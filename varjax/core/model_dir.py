@@ -42,7 +42,6 @@ from varjax.models import families
 from varjax.models.var import PARAM_LAYOUT
 
 
-
 class _NoMissingMetadataWarning(logging.Filter):
     """Orbax warns that an item inside a training checkpoint has no metadata file of its own when it is read as a
     plain directory (the step's metadata is one level up); reading one subtree of it that way is intended."""
