@@ -140,3 +140,23 @@ def test_two_processes_equal_one(full_run, tmp_path):
     a, b = np.load(tmp_path / "samples.npz")["arr_0"].astype(int), np.load(full_run[1].npz)["arr_0"].astype(int)
     assert np.abs(a - b).max() <= 1
     np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_1"], [3] * 5 + [7] * 5)
+
+
+def test_ecar_samples_carry_their_latents(tmp_path):
+    """sample-many dispatches on the family: an E-CAR directory (the previous release's workdir) gives images and
+    latents, each sample depending only on its class and index."""
+    from varjax import sampling
+    from varjax.core.model_dir import load_model_dir
+
+    b = load_model_dir(ROOT / "tests" / "data" / "legacy" / "ecar_main" / "ecar", need_generator=True)
+    opts = sampling.get("ecar").options(sampling.defaults(b))
+    assert (opts.cfg, opts.steps, opts.temperature) == (4.0, 2, 0.3)  # the directory's defaults
+    res = sample_many(b, tmp_path / "a", classes=np.asarray([0, 5], np.int32), per_class=2, opts=opts, seed=0,
+                      batch_size=4, devices=jax.devices()[:1])
+    with np.load(res.npz) as z:
+        assert z["arr_0"].shape == (4, 32, 32, 3) and z["arr_1"].tolist() == [0, 0, 5, 5]
+    lat = read_extra(tmp_path / "a", "latents")
+    assert lat.shape == (4, 8, 8, 4) and len({x.tobytes() for x in lat}) == 4
+    sample_many(b, tmp_path / "b", classes=np.asarray([5], np.int32), per_class=2, opts=opts, seed=0, batch_size=4,
+                devices=jax.devices()[:1])
+    np.testing.assert_allclose(read_extra(tmp_path / "b", "latents"), lat[2:], atol=1e-6)

@@ -1,11 +1,13 @@
 """Loads the files of ``varjax export`` into the official PyTorch models with ``strict=True`` (not run by pytest).
 
     varjax convert --vae tests/data/golden/vqvae_public.pth --var tests/data/golden/var_public.pth \
-        --patch-nums 1,2,3,4,6,8 --out /tmp/golden_model
-    varjax export --ckpt /tmp/golden_model --out /tmp/golden_export
-    /work/torchenv/bin/python tests/data/check_export_strict.py /tmp/golden_export [path/to/FoundationVision/VAR]
+        --patch-nums 1,2,3,4,6,8 --out runs/golden_model
+    varjax export --ckpt runs/golden_model --out runs/golden_export
+    TORCH_PYTHON tests/data/check_export_strict.py runs/golden_export path/to/FoundationVision/VAR
 
-The models are built with the hyper-parameters of tests/data/golden/case_public.json.
+TORCH_PYTHON is the python of a separate environment with torch (torch is never a varjax dependency); the last
+argument is a checkout of the official code. The models are built with the hyper-parameters of
+tests/data/golden/case_public.json.
 """
 
 import json
@@ -18,7 +20,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def main(export_dir: str, ref_repo: str = "/work/ref/VAR") -> None:
+def main(export_dir: str, ref_repo: str) -> None:
     sys.path.insert(0, ref_repo)
     try:
         import huggingface_hub  # noqa: F401  (models/var.py only uses its mixin for Hub uploads)
@@ -45,4 +47,6 @@ def main(export_dir: str, ref_repo: str = "/work/ref/VAR") -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
     main(*sys.argv[1:])
