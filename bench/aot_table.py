@@ -53,7 +53,8 @@ def compile_row(recipe: str, topology: str, extra: list[str]) -> dict:
             return {"recipe": recipe, "topology": topology, "error": " ".join(tail)}
         with open(f.name) as g:
             info = json.load(g)
-    info.update(recipe=recipe, command="varjax " + " ".join(cmd[3:]).replace(root + "/", ""))
+    shown = [c for i, c in enumerate(cmd) if c != "--json" and cmd[i - 1] != "--json"]  # not the temporary file
+    info.update(recipe=recipe, command="varjax " + " ".join(shown[3:]).replace(root + "/", ""))
     return info
 
 

@@ -1,14 +1,13 @@
 """Loads the files of ``varjax export`` into the official PyTorch models with ``strict=True`` (not run by pytest).
 
     varjax convert --vae tests/data/golden/vqvae_public.pth --var tests/data/golden/var_public.pth \
-        --patch-nums 1,2,3,4,6,8 --out golden_model
-    varjax export --ckpt golden_model --out golden_export
-    TORCH_PYTHON tests/data/check_export_strict.py golden_export VAR_CHECKOUT
+        --patch-nums 1,2,3,4,6,8 --out runs/golden_model
+    varjax export --ckpt runs/golden_model --out runs/golden_export
+    TORCH_PYTHON tests/data/check_export_strict.py runs/golden_export path/to/FoundationVision/VAR
 
-TORCH_PYTHON is a Python with torch installed (a throwaway environment: torch is no dependency of varjax) and
-VAR_CHECKOUT a checkout of FoundationVision/VAR.
-
-The models are built with the hyper-parameters of tests/data/golden/case_public.json.
+TORCH_PYTHON is the python of a separate environment with torch (torch is never a varjax dependency); the last
+argument is a checkout of the official code. The models are built with the hyper-parameters of
+tests/data/golden/case_public.json.
 """
 
 import json
@@ -48,4 +47,6 @@ def main(export_dir: str, ref_repo: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
     main(*sys.argv[1:])

@@ -1,8 +1,9 @@
 """Writes tests/data/inception_golden.npz: pytorch-fid's FID Inception-v3 on random weights and small images.
 
-Run with the throwaway torch environment (torch, torchvision, pytorch-fid), from the repository root:
+Run with the python of a separate environment holding torch, torchvision and pytorch-fid (never varjax
+dependencies), from the repository root:
 
-    TORCH_PYTHON tests/data/make_inception_golden.py   (a Python with torch, torchvision and pytorch-fid)
+    TORCH_PYTHON tests/data/make_inception_golden.py
 
 The weights are not stored (the network has 24M parameters): :func:`random_state_dict` draws them from the
 parameter names alone, with numpy, so the test rebuilds the same state dict torch-free and writes it as a
