@@ -46,6 +46,37 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def memory_breakdown(var, vae, opt, forward) -> dict[str, int]:
+    """Bytes of what one training step holds: the VAR's parameters, their gradients, AdamW's state, the frozen
+    VQVAE, and the tensors autograd saves for the backward pass during ``forward()`` (storages counted once,
+    parameters themselves excluded)."""
+    import torch
+
+    def nbytes(ts) -> int:
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    params = {p.untyped_storage().data_ptr() for p in var.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    loss.backward()
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {
+        "var_params": nbytes(var.parameters()),
+        "var_grads": nbytes(p.grad for p in var.parameters()),
+        "adamw_state": nbytes(state),
+        "vqvae": nbytes(vae.parameters()) + nbytes(vae.buffers()),
+        "saved_for_backward": sum(saved.values()),
+    }
+
+
 def attention_path(var) -> str:
     """Which attention the official blocks run: flash-attn or xFormers when importable, else torch's SDPA."""
     attn = var.blocks[0].attn
@@ -96,6 +127,9 @@ def main(argv=None) -> dict:
     p.add_argument("--top-p", type=float, default=0.96)
     p.add_argument("--dtype", default="float32", help="float32, or bfloat16/float16 autocast (CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--memory-breakdown", action="store_true",
+                   help="train: after the timed steps, count the bytes of parameters, gradients, AdamW state and "
+                   "the tensors saved for the backward pass")
     p.add_argument("--profile", action="store_true",
                    help="also run one call under torch.profiler and split its op time as bench/profile_train.py")
     p.add_argument("--json", default=None)
@@ -153,11 +187,14 @@ def main(argv=None) -> dict:
         loss_w = torch.full((1, L), 1.0 / L, device=dev)
         ce = torch.nn.CrossEntropyLoss(reduction="none")
 
-        def call():
+        def forward():
             x = vae.quantize.idxBl_to_var_input(idx)
             with torch.autocast(dev.type, enabled=amp, dtype=amp_dtype):
                 logits = var(label, x)
-                loss = ce(logits.view(-1, V).float(), gt_BL.view(-1)).view(B, -1).mul(loss_w).sum(-1).mean()
+                return ce(logits.view(-1, V).float(), gt_BL.view(-1)).view(B, -1).mul(loss_w).sum(-1).mean()
+
+        def call():
+            loss = forward()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
@@ -214,6 +251,8 @@ def main(argv=None) -> dict:
     if dev.type == "cuda":
         res["peak_device_bytes"] = torch.cuda.max_memory_allocated()
         res["peak_device_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    if a.memory_breakdown and a.what == "train":
+        res["memory_breakdown_bytes"] = memory_breakdown(var, vae, opt, forward)
     if a.profile:
         res["profile_s"] = profile_split(call, sync)
     for k, v in res.items():
