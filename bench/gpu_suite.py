@@ -75,9 +75,10 @@ class Shapes:
     def tokens(self) -> int:
         return sum(p * p for p in self.patch_nums)
 
-    def official_args(self) -> list[str]:
-        """The same models for bench/official_bench.py."""
-        return ["--depth", str(self.depth), "--patch-nums", ",".join(map(str, self.patch_nums)), "--vocab",
+    def official_args(self, smoke: bool) -> list[str]:
+        """The same models for bench/official_bench.py (one CPU thread in the smoke run: torch's thread pool
+        stalls when the machine's cores are busy)."""
+        return (["--threads", "1"] if smoke else []) + ["--depth", str(self.depth), "--patch-nums", ",".join(map(str, self.patch_nums)), "--vocab",
                 str(self.vocab), "--cvae", str(self.cvae), "--vae-ch", str(self.vae_ch), "--num-classes",
                 str(self.num_classes), "--top-k", str(self.top_k), "--top-p", "0.96", "--cfg", "1.5"]
 
@@ -468,7 +469,6 @@ class TrainProgram:
                                                                        jax.random.PRNGKey(0))
         else:
             self.frozen, self.state, self.shardings = prev.frozen, prev.state, prev.shardings
-            prev.state = None  # donated to this program's steps
         shardings = self.shardings
         rng = np.random.default_rng(0)
         self.batches = [mesh_lib.make_global_batch(
@@ -480,6 +480,8 @@ class TrainProgram:
                                                                                      self.frozen)
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
+        if prev is not None:
+            prev.state = None  # donated to this program's steps from now on
         self.model, self.batch, self.remat, self.dtype = plan.model, batch, remat, dtype
         self.flops_per_step = task.flops_per_example * batch
         self.i = 0
@@ -515,44 +517,57 @@ class TrainProgram:
 
 
 def part_remat(a, sh: Shapes) -> dict:
+    """Times each remat candidate (attention 'auto': cuDNN on a GPU in bf16); remat.json is rewritten after each,
+    so a trial stopped by its time box still leaves the candidates it finished. If none runs, 'xla' attention is
+    tried once, so that a failing cuDNN kernel does not stop the training measurements."""
     batch = a.batch or sh.train_batches[0]
     rows, prog = [], None
-    for remat in a.candidates.split(",") if a.candidates else sh.remat_candidates:
+    plan = [(r, "auto") for r in (a.candidates.split(",") if a.candidates else sh.remat_candidates)]
+    res: dict = {"batch_size": batch, "candidates": rows, "chosen": None, "attention": None,
+                 "rule": "the candidate with the shortest median step time at this batch"}
+    while plan:
+        remat, attention = plan.pop(0)
         try:
-            prog = TrainProgram(sh, batch, remat, prev=prog)
+            prog = TrainProgram(sh, batch, remat, attention=attention, prev=prog)
             row = prog.measure(a.steps or max(3, sh.steps // 2))
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory: that candidate is out
-            row = {"remat": remat, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory or a kernel that fails: that candidate is out
+            row = {"remat": remat, "attention": attention, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         rows.append(row)
-        print(f"[remat] {remat}: " + (f"{row['step_time_s'] * 1e3:.1f} ms/step (compile {row['compile_s']:.1f} s)"
-                                      if "step_time_s" in row else row["error"]), flush=True)
-    ok = [r for r in rows if "step_time_s" in r]
-    chosen = min(ok, key=lambda r: r["step_time_s"])["remat"] if ok else None
-    return {"batch_size": batch, "candidates": rows, "chosen": chosen,
-            "rule": "the candidate with the shortest median step time at this batch"}
+        print(f"[remat] {remat} ({attention} attention): " + (
+            f"{row['step_time_s'] * 1e3:.1f} ms/step (compile {row['compile_s']:.1f} s)" if "step_time_s" in row
+            else row["error"]), flush=True)
+        ok = [r for r in rows if "step_time_s" in r]
+        if ok:
+            best = min(ok, key=lambda r: r["step_time_s"])
+            res.update(chosen=best["remat"], attention=best["attention"])
+        elif not plan and attention == "auto":
+            plan.append((rows[0]["remat"], "xla"))
+        write_json(a.out, "remat", res)
+    return res
 
 
-def chosen_remat(a) -> tuple[str, str]:
-    """(remat, why): the remat part's choice, else the fallback rule."""
+def chosen_remat(a) -> tuple[str, str, str]:
+    """(remat, attention, why): the remat part's choice, else the fallback rule."""
     path = os.path.join(a.out, "remat.json")
     if a.remat:
-        return a.remat, "given"
+        return a.remat, "auto", "given"
     if os.path.exists(path):
         with open(path) as f:
             r = json.load(f)
         if r.get("chosen"):
-            return r["chosen"], f"fastest of {[c['remat'] for c in r['candidates']]} at batch {r['batch_size']}"
+            tried = [c["remat"] for c in r["candidates"] if "step_time_s" in c]
+            return r["chosen"], r.get("attention") or "auto", f"fastest of {tried} at batch {r['batch_size']}"
     # Rule when the trial did not finish: on a device with memory to spare, keep every activation ('none': no
     # recomputation, the fewest FLOPs per step).
-    return "none", "fallback rule (remat trial missing): none, the fewest FLOPs when memory allows"
+    return "none", "auto", "fallback rule (remat trial missing): none, the fewest FLOPs when memory allows"
 
 
 def part_train(a, sh: Shapes) -> dict:
-    remat, why = chosen_remat(a)
+    remat, attention, why = chosen_remat(a)
     rows, prog = [], None
     for batch in sh.train_batches:  # ascending, so each process-peak reading is that batch's own
         try:
-            prog = TrainProgram(sh, batch, remat, prev=prog)
+            prog = TrainProgram(sh, batch, remat, attention=attention, prev=prog)
             row = prog.measure(a.steps or sh.steps)
             row["memory"] = device_memory()
         except Exception as e:  # noqa: BLE001
@@ -564,8 +579,9 @@ def part_train(a, sh: Shapes) -> dict:
                   f"tokens/s{mfu}", flush=True)
         else:
             print(f"[train] batch {batch}: {row['error']}", flush=True)
-        write_json(a.out, "train", {"remat": remat, "remat_why": why, "rows": rows})  # kept if a later batch hangs
-    return {"remat": remat, "remat_why": why, "rows": rows}
+        res = {"remat": remat, "attention": attention, "remat_why": why, "rows": rows}
+        write_json(a.out, "train", res)  # kept if a later batch hangs
+    return res
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -575,23 +591,35 @@ def part_sample(a, sh: Shapes) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from varjax.models.attention import _auto
     from varjax.models.var import VARConfig
     from varjax.sampling.var import SampleOptions, make_sampler
 
     vae_cfg = vae_config(sh)
     var_cfg = VARConfig.official(sh.depth, patch_nums=sh.patch_nums, vocab_size=sh.vocab, Cvae=sh.cvae,
-                                 num_classes=sh.num_classes, scan_layers=a.scan)
+                                 num_classes=sh.num_classes, scan_layers=bool(a.scan))
     var_params, vae_params = random_var(var_cfg), random_vqvae(vae_cfg)
     opts = SampleOptions(cfg=1.5, top_k=sh.top_k, top_p=0.96, dtype=a.dtype)
-    sampler = make_sampler(vae_cfg, var_cfg, opts)
+    attention = _auto(jnp.dtype(a.dtype))
     rows = []
     for batch in sh.sample_batches:  # ascending: each process-peak reading is that batch's own
         labels = jnp.arange(batch, dtype=jnp.int32) % sh.num_classes
         key = jax.random.PRNGKey(0)
-        first, times = median_time(lambda labels=labels, key=key: sampler(vae_params, var_params, labels, key),
-                                   a.steps or sh.sample_steps)
+        error = None
+        try:
+            first, times = median_time(lambda labels=labels, key=key, o=opts: make_sampler(vae_cfg, var_cfg, o)(
+                vae_params, var_params, labels, key), a.steps or sh.sample_steps)
+        except Exception as e:  # noqa: BLE001 - a failing kernel: measured again with the xla attention
+            if opts.attention == "xla":
+                raise
+            error = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"[sample] {attention} attention failed ({error}); again with xla", flush=True)
+            opts, attention = dataclasses.replace(opts, attention="xla"), "xla"
+            first, times = median_time(lambda labels=labels, key=key, o=opts: make_sampler(vae_cfg, var_cfg, o)(
+                vae_params, var_params, labels, key), a.steps or sh.sample_steps)
         med = statistics.median(times)
-        row = {"impl": "varjax", "batch_size": batch, "dtype": a.dtype, "scan_layers": a.scan, "cfg": 1.5,
+        row = {"impl": "varjax", "batch_size": batch, "dtype": a.dtype, "scan_layers": a.scan,
+               "attention": attention, "attention_error": error, "cfg": 1.5,
                "top_k": sh.top_k, "top_p": 0.96, "image_size": vae_cfg.image_size, "first_call_s": first,
                "times_s": times, "sample_time_s": med, "images_per_s": batch / med, "memory": device_memory()}
         rows.append(row)
@@ -788,7 +816,7 @@ def main(argv=None) -> int:
         elif a.field:
             print(" ".join(map(str, getattr(sh, a.field))))
         else:
-            print(" ".join(sh.official_args()))
+            print(" ".join(sh.official_args(a.smoke)))
         return 0
     t0 = time.time()
     if a.part != "report":

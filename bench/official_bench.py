@@ -132,6 +132,8 @@ def main(argv=None) -> dict:
                    "the tensors saved for the backward pass")
     p.add_argument("--profile", action="store_true",
                    help="also run one call under torch.profiler and split its op time as bench/profile_train.py")
+    p.add_argument("--save-weights", default=None,
+                   help="write the random models as the release's files (DIR/vae.pth, DIR/var_d{depth}.pth) and stop")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -170,6 +172,14 @@ def main(argv=None) -> dict:
             prm.normal_(0, 0.02)
     amp = a.dtype != "float32" and dev.type == "cuda"
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(a.dtype, torch.float32)
+    if a.save_weights:  # what `varjax convert` reads, as the release ships it
+        import os
+
+        os.makedirs(a.save_weights, exist_ok=True)
+        torch.save(vae.state_dict(), os.path.join(a.save_weights, "vae.pth"))
+        torch.save(var.state_dict(), os.path.join(a.save_weights, f"var_d{a.depth}.pth"))
+        print(f"wrote vae.pth and var_d{a.depth}.pth to {a.save_weights}")
+        return {"saved": a.save_weights}
     B, V, L = a.batch_size, vae.vocab_size, sum(pn * pn for pn in pns)
     rss_after_build = current_rss_bytes()
 
