@@ -86,15 +86,17 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from varjax.core.xla_flags import conv_compiler_options
     from varjax.models.vqvae import VQVAE
-    from varjax.sample import SampleOptions, make_sampler
-    from varjax.xla_flags import conv_compiler_options
+    from varjax.sampling.var import SampleOptions, make_sampler
 
     if a.ckpt:
-        from varjax.ckpt import load_model_dir
+        from varjax.core.model_dir import load_model_dir
 
-        b = load_model_dir(a.ckpt, need_var=True)
-        vae_cfg, vae_params, var_cfg, var_params = b.vae_cfg, b.vae_params, b.var_cfg, b.var_params
+        b = load_model_dir(a.ckpt, need_generator=True)
+        if b.family != "var":
+            raise SystemExit(f"error: --ckpt {a.ckpt} holds a {b.family!r} model; this benchmark samples a VAR.")
+        vae_cfg, vae_params, var_cfg, var_params = b.tok_cfg, b.tok_params, b.gen_cfg, b.gen_params
     else:
         vae_cfg, vae_params, var_cfg, var_params = random_models(a.depth, a.resolution, a.width)
     B = a.batch_size

@@ -2,10 +2,10 @@
 
     python bench/bench_train.py --depth 16 [--width 1024] [--batch-size 64] [--steps 10] [--peak-tflops 989]
 
-Runs the trainer's own jitted step (``var_trainer.build_task``: tokenizer teacher-forcing inputs, forward,
-backward, AdamW update) on the available devices with synthetic token batches (random token ids fed as
-``tokens``, so the tokenizer's encoder is not timed). FLOPs per step come from the analytic count in
-``varjax.models.flops`` (3 x forward matmul FLOPs, block-causal attention counted as 'masked');
+Runs the trainer's own jitted step (``varjax.tasks.var``'s step, jitted by ``varjax.train.jit_train_step``:
+tokenizer teacher-forcing inputs, forward, backward, AdamW update) on the available devices with synthetic token
+batches (random token ids fed as ``tokens``, so the tokenizer's encoder is not timed). FLOPs per step come from
+the analytic count in ``varjax.models.flops`` (3 x forward matmul FLOPs, block-causal attention counted as 'masked');
 MFU = achieved FLOP/s / (devices x peak FLOP/s). Peak FLOP/s per device come from ``--peak-tflops`` or the
 small table below (dense bf16 figures); on a device not in the table MFU is left out.
 """
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 PEAK_TFLOPS = {  # dense bf16 per device
@@ -60,15 +59,18 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 
 def build(a: argparse.Namespace):
-    """-> (jitted step, sharded state, a few global batches, VARConfig) for the parsed flags ``a``."""
+    """-> (jitted step, sharded state, a few global batches, VARConfig, the step's frozen tokenizer arrays, mesh
+    rules) for the parsed flags ``a``; call the step as ``step(state, batch, frozen)`` inside
+    ``varjax.core.mesh.mesh_rules(mesh, rules)``, as training does."""
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from varjax.configs import common
 
+    from varjax import config, tasks, train
+    from varjax.core import mesh as mesh_lib
+    from varjax.data.sources import DataPlan
     from varjax.models.vqvae import VQVAE, VQVAEConfig
-    from varjax.train import loop, sharding
-    from varjax.train.config_base import var_run
-    from varjax.train.var_trainer import build_task, var_config_from
 
     pns = tuple(int(x) for x in a.patch_nums.split(","))
     # The tokenizer only turns token ids into the teacher-forcing inputs here (its quantizer); a minimal
@@ -79,7 +81,7 @@ def build(a: argparse.Namespace):
     vae_params = jax.jit(lambda r: VQVAE(vae_cfg).init(r, jnp.zeros((1, s, s, 3)))["params"])(
         jax.random.PRNGKey(1))
 
-    cfg = var_run(a.depth)
+    cfg = common.var(a.depth)
     cfg.model.embed_dim = a.width
     cfg.model.num_heads = a.heads
     cfg.model.dtype = a.dtype
@@ -88,26 +90,28 @@ def build(a: argparse.Namespace):
     cfg.model.attention = a.attention
     cfg.batch_size = a.batch_size
     cfg.total_steps = a.steps + 1
-    model_cfg = var_config_from(cfg, vae_cfg, a.num_classes)
+    # synthetic tokens: no tokenizer directory and no dataset are read
+    data = DataPlan(source="tokens", cache=None, num_shards=1, steps_per_epoch=1000, num_classes=a.num_classes,
+                    image_size=s, config=cfg.data)
+    plan = config.resolve(cfg, num_devices=jax.device_count(), process_count=1, tokenizer=(None, vae_cfg),
+                          data=data)
+    model_cfg = plan.model
     L = model_cfg.L
 
-    mesh = sharding.create_mesh(cfg.mesh)
-    rules = sharding.normalize_rules(cfg.rules)
-    setup = loop.Setup(cfg, tempfile.mkdtemp(), mesh, rules, None, cfg.total_steps, 1000, True)
-    task = build_task(setup, vae_cfg, vae_params, model_cfg, jnp.dtype(a.dtype))
-    state, _ = sharding.create_sharded_state(task.init_fn, mesh, rules, jax.random.PRNGKey(0))
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    step = jax.jit(task.step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sh, sharding.replicated_sharding(mesh)), donate_argnums=0)
+    mesh = mesh_lib.create_mesh(plan.mesh)
+    task = tasks.var.build(plan, mesh, abstract=True)  # the tokenizer's parameters are ours, not a directory's
+    frozen = {"vae": jax.device_put(vae_params, mesh_lib.replicated_sharding(mesh))}
+    state, state_sh = mesh_lib.create_sharded_state(task.init_fn, mesh, plan.rules, jax.random.PRNGKey(0))
+    step = train.jit_train_step(task.step_fn, state_sh, mesh)
 
     rng = np.random.default_rng(0)
 
     def batch():
         b = {"tokens": rng.integers(0, a.vocab, (a.batch_size, L), dtype=np.int32),
              "label": rng.integers(0, a.num_classes, (a.batch_size,), dtype=np.int32)}
-        return sharding.make_global_batch(b, mesh)
+        return mesh_lib.make_global_batch(b, mesh)
 
-    return step, state, [batch() for _ in range(min(a.steps, 4))], model_cfg
+    return step, state, [batch() for _ in range(min(a.steps, 4))], model_cfg, frozen, (mesh, plan.rules)
 
 
 def main(argv=None) -> dict:
@@ -115,20 +119,22 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
 
+    from varjax.core.mesh import mesh_rules
     from varjax.models import flops
 
-    step, state, batches, model_cfg = build(a)
+    step, state, batches, model_cfg, frozen, (mesh, rules) = build(a)
     L = model_cfg.L
-    t0 = time.perf_counter()
-    state, m = step(state, batches[0])
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    times = []  # one per step, each waited for, so the median matches official_bench.py's
-    for i in range(a.steps):
+    with mesh_rules(mesh, rules):  # traced as the trainer traces it (activation constraints act)
         t0 = time.perf_counter()
-        state, m = step(state, batches[i % len(batches)])
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t0)
+        state, m = step(state, batches[0], frozen)
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        times = []  # one per step, each waited for, so the median matches official_bench.py's
+        for i in range(a.steps):
+            t0 = time.perf_counter()
+            state, m = step(state, batches[i % len(batches)], frozen)
+            jax.block_until_ready((state, m))
+            times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
 
     n_dev = jax.device_count()

@@ -140,15 +140,18 @@ def main(argv=None) -> dict:
 
     import jax
 
-    step, state, batches, model_cfg = bench_train.build(a)
-    compiled = step.lower(state, batches[0]).compile()  # one compile: its HLO names the ops in the trace
+    from varjax.core.mesh import mesh_rules
+
+    step, state, batches, model_cfg, frozen, (mesh, rules) = bench_train.build(a)
+    with mesh_rules(mesh, rules):  # traced as the trainer traces it
+        compiled = step.lower(state, batches[0], frozen).compile()  # one compile: its HLO names the ops in the trace
     ops = hlo_op_names(compiled.as_text())
     for b in batches[:2]:  # warm-up steps
-        state, m = compiled(state, b)
+        state, m = compiled(state, b, frozen)
         jax.block_until_ready((state, m))
     trace_dir = a.trace_dir or tempfile.mkdtemp(prefix="varjax_profile_")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        state, m = compiled(state, batches[0])
+        state, m = compiled(state, batches[0], frozen)
         jax.block_until_ready((state, m))
     files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from varjax.ckpt import ModelBundle
+from varjax.core.model_dir import ModelBundle
 from varjax.models.var import VAR, VARConfig
 from varjax.models.vqvae import VQVAE, VQVAEConfig
-from varjax.sample import SampleOptions
+from varjax.sampling.var import SampleOptions
 
 CLASSES = np.asarray([3, 7], np.int32)
 OPTS = SampleOptions(cfg=1.5, top_k=900, top_p=0.96)
@@ -29,13 +29,13 @@ def tiny_bundle() -> ModelBundle:
     vae = VQVAE(vae_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
     x = jnp.zeros((1, var_cfg.L - 1, 8))
     var = VAR(var_cfg).init(jax.random.PRNGKey(1), jnp.zeros((1,), jnp.int32), x, method=VAR.init_all)["params"]
-    return ModelBundle(vae_cfg, nn.unbox(vae), var_cfg, nn.unbox(var))
+    return ModelBundle("var", vae_cfg, nn.unbox(vae), var_cfg, nn.unbox(var))
 
 
 if __name__ == "__main__":
     out, address, n, pid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
-    from varjax.sample_many import sample_many
+    from varjax.eval.sample_many import sample_many
 
     sample_many(tiny_bundle(), out, classes=CLASSES, per_class=5, opts=OPTS, seed=0, batch_size=8)

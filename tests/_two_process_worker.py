@@ -7,6 +7,6 @@ collectives when it starts ``jax.distributed``).
 import sys
 
 if __name__ == "__main__":
-    from varjax.train.var_trainer import run_cli
+    from varjax import cli
 
-    run_cli(["varjax train"] + sys.argv[1:])
+    cli.main(["train", *sys.argv[1:]])

@@ -1,6 +1,11 @@
-"""Test set-up: 8 virtual CPU devices (for mesh tests) and the reference vectors in tests/data/golden."""
+"""Test set-up: 8 virtual CPU devices (for mesh tests), one session-wide compilation cache and TFDS directory
+(inherited by the tests' subprocesses), the reference vectors in tests/data/golden, and the tiny models
+and data many tests share (built once per session)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Must happen before jax is imported anywhere: sharding tests build 2x2x2 meshes on one CPU.
@@ -8,7 +13,19 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# One directory for the session: JAX's persistent compilation cache (a program compiled once, in this process
+# or in a subprocess test, is loaded from disk by every later process that compiles it again) and the TFDS data
+# (the embedded dataset is prepared once). Both start empty, so the suite reads nothing from earlier runs.
+_SESSION_DIR = tempfile.mkdtemp(prefix="varjax-tests-")
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
+os.environ["VARJAX_COMPILE_CACHE"] = os.path.join(_SESSION_DIR, "jax-cache")
+os.environ["TFDS_DATA_DIR"] = os.path.join(_SESSION_DIR, "tfds")
+
 import pytest  # noqa: E402
+
+from varjax.core import compile_cache  # noqa: E402
+
+compile_cache.enable()  # this process too: tests rebuild the same programs in new jitted functions
 
 # Reference vectors of the official PyTorch code (see tests/data/golden/README.md); they ship with the tests.
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
@@ -19,3 +36,51 @@ def golden_dir() -> Path:
     if not (GOLDEN / "io_public.npz").is_file():
         pytest.fail(f"reference vectors not found in {GOLDEN}: the test data of the repository is incomplete")
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def shapes_data() -> str:
+    """The TFDS directory with ``varjax_shapes/tiny`` prepared (before any subprocess reads it)."""
+    from tests import _tiny
+
+    return _tiny.prepare_shapes("varjax_shapes/tiny")
+
+
+@pytest.fixture(scope="session")
+def vq_dir(tmp_path_factory) -> str:
+    """A tiny random VQ tokenizer model directory (32px, scales 1-2-4-8, 64 codes)."""
+    from tests import _tiny
+
+    d = tmp_path_factory.mktemp("vq") / "tok"
+    _tiny.save_vq(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def kl_dir(tmp_path_factory) -> str:
+    """A tiny random KL autoencoder model directory (32px, 8x8x4 latents)."""
+    from tests import _tiny
+
+    d = tmp_path_factory.mktemp("kl") / "tok"
+    _tiny.save_kl(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tokens_cache(tmp_path_factory) -> str:
+    """A token cache of 64 random examples for the tiny VQ tokenizer (6 classes)."""
+    from tests import _tiny
+
+    d = tmp_path_factory.mktemp("tokens") / "cache"
+    _tiny.write_tokens_cache(d, n=64)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def latents_cache(tmp_path_factory) -> str:
+    """A latent cache of 64 random examples for the tiny KL autoencoder (6 classes)."""
+    from tests import _tiny
+
+    d = tmp_path_factory.mktemp("latents") / "cache"
+    _tiny.write_latents_cache(d, n=64)
+    return str(d)

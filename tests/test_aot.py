@@ -3,49 +3,24 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax.core import meta
+from varjax.configs import common
 
+from tests import _tiny
+from varjax import tasks
 from varjax.aot import compile_step, tpu_topology
 from varjax.cli import main
-from varjax.models.vqvae import VQVAE, VQVAEConfig
-from varjax.train import loop, sharding
-from varjax.train.config_base import var_run
-from varjax.train.var_trainer import build_task, var_config_from
-
-VAE_CFG = VQVAEConfig(
-    vocab_size=64,
-    z_channels=8,
-    ch=16,
-    ch_mult=(1, 2, 2),
-    num_res_blocks=1,
-    using_sa=False,
-    using_mid_sa=False,
-    patch_nums=(1, 2, 4, 8),
-    num_groups=8,
-)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from varjax.ckpt import save_model_dir
-
-    d = tmp_path_factory.mktemp("tok") / "tok"
-    params = meta.unbox(
-        VQVAE(VAE_CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
-    )
-    save_model_dir(str(d), VAE_CFG, params)
-    return str(d), params
+from varjax.core import mesh as sharding
 
 
 def tiny_cfg(tok_dir) -> ml_collections.ConfigDict:
-    c = var_run(2)
+    c = common.var(2)
     c.tokenizer_dir = tok_dir
     c.model.embed_dim, c.model.num_heads, c.model.num_classes, c.model.dtype = 32, 2, 10, "float32"
     c.batch_size = 8
+    c.total_steps = 100
     c.mesh = (("data", 4), ("fsdp", 2), ("tensor", 1))
     return c
 
@@ -60,13 +35,12 @@ def test_topology_names():
 
 
 @pytest.fixture(scope="module")
-def compiled_tiny(tokenizer):
-    cfg = tiny_cfg(tokenizer[0])
+def compiled_tiny(vq_dir):
+    cfg = tiny_cfg(vq_dir)
     return cfg, *compile_step(cfg, jax.devices())
 
 
-def test_compiled_step_is_the_trainers_step(tokenizer, compiled_tiny):
-    _, vae_params = tokenizer
+def test_compiled_step_is_the_trainers_step(compiled_tiny):
     cfg, compiled, info = compiled_tiny
     assert info["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1} and info["devices"] == 8
     assert (
@@ -76,25 +50,25 @@ def test_compiled_step_is_the_trainers_step(tokenizer, compiled_tiny):
     assert info["flops_per_device"] > 0
 
     # The same step as the training loop runs it, on real arrays.
-    mesh = sharding.create_mesh(cfg.mesh)
-    setup = loop.Setup(cfg, "", mesh, sharding.normalize_rules(cfg.rules), None, 100, 10, True)
-    model_cfg = var_config_from(cfg, VAE_CFG, 10)
-    task = build_task(setup, VAE_CFG, vae_params, model_cfg, jnp.float32)
-    state, shardings = sharding.create_sharded_state(task.init_fn, mesh, setup.rules, jax.random.PRNGKey(cfg.seed))
+    plan = _tiny.plan_without_data(cfg, num_devices=8)
+    assert plan.model.num_classes == 10 and info["model"] == plan.model.to_dict()
+    mesh = sharding.create_mesh(plan.mesh)
+    task = tasks.var.build(plan, mesh)
+    state, _ = sharding.create_sharded_state(task.init_fn, mesh, plan.rules, jax.random.PRNGKey(cfg.seed))
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
         "label": rng.integers(0, 10, (8,)).astype(np.int32),
     }
     batch = sharding.make_global_batch(batch, mesh)
-    _, want = jax.jit(task.step_fn)(state, batch)
-    replicated = jax.device_put(vae_params, sharding.replicated_sharding(mesh))
-    _, got = compiled(state, batch, replicated)  # donates `state`: compute the reference first
+    with sharding.mesh_rules(mesh, plan.rules):
+        _, want = jax.jit(task.step_fn)(state, batch, task.frozen)
+    _, got = compiled(state, batch, task.frozen)  # donates `state`: compute the reference first
     for k in ("loss", "grad_norm", "param_norm"):
         np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-5, err_msg=k)
 
 
-def test_cli_prints_memory_and_flops(tokenizer, compiled_tiny, tmp_path, capsys, monkeypatch):
+def test_cli_prints_memory_and_flops(compiled_tiny, tmp_path, capsys, monkeypatch):
     import varjax.aot
 
     seen = {}
@@ -107,9 +81,9 @@ def test_cli_prints_memory_and_flops(tokenizer, compiled_tiny, tmp_path, capsys,
     out = tmp_path / "c.json"
     cfg_file = tmp_path / "tiny.py"
     cfg_file.write_text(
-        "from varjax.train.config_base import var_run\n"
+        "from varjax.configs import common\n"
         "def get_config():\n"
-        "    c = var_run(2)\n"
+        "    c = common.var(2)\n"
         "    c.batch_size = 8\n"
         "    return c\n"
     )

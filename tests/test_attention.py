@@ -123,7 +123,7 @@ def test_bad_levels_are_rejected():
 def test_splash_under_a_mesh_runs_per_shard_and_matches_reference():
     """Under the trainer's mesh context the splash kernel runs in a shard_map over the batch and head shards
     (XLA cannot partition a Mosaic kernel); values and gradients still match the reference."""
-    from varjax.train import sharding
+    from varjax.core import mesh as sharding
 
     skip = _splash_skip()
     if skip:

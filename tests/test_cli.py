@@ -98,8 +98,8 @@ def test_edit_teacher_forces_tokens_outside_the_mask(model_dir, golden_dir, tmp_
     import jax
     import jax.numpy as jnp
 
-    from varjax.ckpt import load_model_dir
-    from varjax.sample import SampleOptions, keep_masks, make_sampler, mask_to_keep
+    from varjax.core.model_dir import load_model_dir
+    from varjax.sampling.var import SampleOptions, keep_masks, make_sampler, mask_to_keep
 
     g = np.load(golden_dir / "io_public.npz")
     img = ((g["img"][0].transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8)
@@ -127,9 +127,9 @@ def test_edit_teacher_forces_tokens_outside_the_mask(model_dir, golden_dir, tmp_
     b = load_model_dir(model_dir)
     keep = jnp.asarray(mask_to_keep(mask > 127, 8))[None]
     gt = jnp.asarray(g["idx_BL"][:1])
-    editor = make_sampler(b.vae_cfg, b.var_cfg, SampleOptions(cfg=1.5, top_k=0, top_p=0.0))
-    _, tokens = editor(b.vae_params, b.var_params, jnp.asarray([7], jnp.int32), jax.random.PRNGKey(1), gt, keep)
-    kept = np.concatenate([np.asarray(m) for m in keep_masks(keep, b.var_cfg.patch_nums)], axis=1)
+    editor = make_sampler(b.tok_cfg, b.gen_cfg, SampleOptions(cfg=1.5, top_k=0, top_p=0.0))
+    _, tokens = editor(b.tok_params, b.gen_params, jnp.asarray([7], jnp.int32), jax.random.PRNGKey(1), gt, keep)
+    kept = np.concatenate([np.asarray(m) for m in keep_masks(keep, b.gen_cfg.patch_nums)], axis=1)
     assert kept[0, :1].all() and not kept[0, -64:].all() and kept[0, -64:].any()
     np.testing.assert_array_equal(np.asarray(tokens)[kept], np.asarray(gt)[kept])
     assert (np.asarray(tokens)[~kept] != np.asarray(gt)[~kept]).any()  # free sampling over 256 codes

@@ -1,17 +1,17 @@
 """The command line meets bad input with one ``error:`` paragraph naming the flag, file or field, a non-zero
 exit code and no traceback; every command of the README parses (its work function is replaced by a stub)."""
 
+import os
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import _tiny
 from varjax import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,20 +22,14 @@ COMMANDS = ("convert", "sample", "tokenize", "reconstruct", "edit", "export", "t
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny tokenizer + transformer model directory (random weights, 16px)."""
-    from varjax.ckpt import save_model_dir
-    from varjax.models.var import VAR, VARConfig
-    from varjax.models.vqvae import VQVAE, VQVAEConfig
+    from varjax.core.model_dir import save_model_dir
+    from varjax.models.var import VARConfig
 
-    vae_cfg = VQVAEConfig(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, using_sa=False,
-                          using_mid_sa=False, patch_nums=(1, 2, 4, 8), num_groups=4)
+    vae_cfg = _tiny.vq_cfg(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), num_groups=4)
     var_cfg = VARConfig(depth=1, embed_dim=16, num_heads=2, num_classes=3, vocab_size=16, Cvae=4,
                         patch_nums=(1, 2, 4, 8))
-    vae_params = jax.jit(lambda k: VQVAE(vae_cfg).init(k, jnp.zeros((1, 16, 16, 3)), method=VQVAE.init_all))(
-        jax.random.PRNGKey(0))["params"]
-    var_params = jax.jit(lambda k: VAR(var_cfg).init(k, jnp.zeros((1,), jnp.int32), jnp.zeros((1, var_cfg.L - 1, 4)),
-                                                     method=VAR.init_all))(jax.random.PRNGKey(1))["params"]
     d = tmp_path_factory.mktemp("model") / "m"
-    save_model_dir(str(d), vae_cfg, vae_params, var_cfg, var_params)
+    save_model_dir(str(d), "var", vae_cfg, _tiny.vq_params(vae_cfg), var_cfg, _tiny.var_params(var_cfg))
     return str(d)
 
 
@@ -123,12 +117,17 @@ def test_bad_inputs_of_model_commands(case, argv, names, model_dir, bad_inputs, 
     ],
 )
 def test_bad_flags(argv, names, capsys, tmp_path, monkeypatch):
-    from varjax.train import tok_trainer, var_trainer
+    from varjax import config, train
 
     monkeypatch.chdir(tmp_path)
     ran = []
-    monkeypatch.setattr(var_trainer, "train", lambda *a: ran.append(a))
-    monkeypatch.setattr(tok_trainer, "train", lambda *a: (_ for _ in ()).throw(RuntimeError("stub: configs parsed")))
+
+    def resolved(cfg, **kw):  # a config that loaded: the error was not found in time
+        ran.append(cfg)
+        raise RuntimeError("stub: configs parsed")
+
+    monkeypatch.setattr(config, "resolve", resolved)
+    monkeypatch.setattr(train, "train", lambda *a: ran.append(a))
     argv = [a.format(tmp=tmp_path) for a in argv]
     code, err = run_main(argv, capsys)
     check_error(code, err, *names)
@@ -147,7 +146,8 @@ def test_installed_entry_point_prints_one_paragraph(bad_inputs, model_dir):
         [sys.executable, "-m", "varjax", "reconstruct", "--ckpt", model_dir, "--images", str(bad_inputs / "corrupt"),
          "--out", str(bad_inputs / "r")],
         capture_output=True, text=True, timeout=600, cwd=bad_inputs,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"},
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+             "VARJAX_COMPILE_CACHE": os.environ["VARJAX_COMPILE_CACHE"]},
     )
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
@@ -186,14 +186,29 @@ def test_help_of_every_command(command, capsys):
     out = capsys.readouterr()
     assert code in (0, None), out.err
     assert "usage" in out.out.lower()
+    assert cli.COMMANDS[command].help.split(";")[0][:40] in " ".join(out.out.split())  # its own description
+
+
+def test_top_level_help_lists_every_command_with_its_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert set(cli.COMMANDS) == set(COMMANDS)
+    for name, command in cli.COMMANDS.items():
+        assert name in out and command.help.split(";")[0][:30] in out, name
+    assert "--help` for" not in out and "see `varjax" not in out  # no command is a pointer to another parser
 
 
 @pytest.mark.parametrize("argv", readme_commands(), ids=lambda a: " ".join(a)[:60])
 def test_readme_command_parses(argv, tmp_path, monkeypatch):
     """Parses the command and loads its configs (overrides applied); the work itself is a stub."""
-    from varjax import aot, ckpt, ecar_main, evaluate, fid_eval, main_job
+    import dataclasses
+
+    from varjax import aot, config, train
+    from varjax.core import model_dir
+    from varjax.eval import consistency, inception
     from varjax.scaling import sweep
-    from varjax.train import tok_trainer, var_trainer
 
     monkeypatch.chdir(tmp_path)
     calls = []
@@ -203,33 +218,34 @@ def test_readme_command_parses(argv, tmp_path, monkeypatch):
             calls.append(name)
         return fn
 
-    for name in ("cmd_convert", "cmd_sample", "cmd_tokenize", "cmd_reconstruct", "cmd_edit"):
-        monkeypatch.setattr(cli, name, stub(name))
-    monkeypatch.setattr(var_trainer, "train", stub("train"))
-    monkeypatch.setattr(tok_trainer, "train", stub("train-tokenizer"))
-    monkeypatch.setattr(evaluate, "evaluate", stub("eval"))
+    for name in ("convert", "sample", "tokenize", "reconstruct", "edit", "export"):
+        monkeypatch.setitem(cli.COMMANDS, name, dataclasses.replace(cli.COMMANDS[name], run=stub(name)))
+    loaded = []
+    monkeypatch.setattr(config, "resolve", lambda cfg, **k: loaded.append(cfg) or cfg)  # the plan: the config
+    monkeypatch.setattr(train, "train", stub("train"))
+    monkeypatch.setattr(consistency, "evaluate", stub("eval"))
     monkeypatch.setattr(sweep, "launch", stub("sweep launch"))
     monkeypatch.setattr(sweep, "fit", stub("sweep fit"))
+
+    def stop(*a, **k):
+        raise RuntimeError("stop")
+
     heavy = {  # commands whose work starts with one call: parsed up to it, then stopped there
         "compile": (aot, "topology_devices"),
-        "sample-many": (ckpt, "load_model_dir"),
-        "fid": (fid_eval, "evaluate_fid"),
-        "main": (ecar_main, "run") if "--model" in argv else None,
+        "sample-many": (model_dir, "load_model_dir"),
+        "fid": (inception, "evaluate_fid"),
+        "main": (train, "train"),  # both configs loaded and overridden, then the tokenizer stage is reached
     }.get(argv[0])
     if heavy is not None:
-        def stop(*a, **k):
-            raise RuntimeError("stop")
-
         monkeypatch.setattr(*heavy, stop)
         with pytest.raises(RuntimeError, match="stop"):
             cli.main(argv)
-        return
-    if argv[0] == "main":  # the main job: configs loaded and overridden, then the tokenizer stage is reached
-        monkeypatch.setattr(main_job, "tokenize_train_split", stub("tokens"))
-        monkeypatch.setattr(var_trainer, "train", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
-        with pytest.raises(RuntimeError, match="stop"):
-            cli.main(argv)
-        assert calls == ["train-tokenizer", "tokens"]
+        if argv[0] == "main":
+            model = argv[argv.index("--model") + 1] if "--model" in argv else "var"
+            assert [c.task for c in loaded] == ["tokenizer"]
+            assert loaded[0].model_type == ("kl" if model == "ecar" else "vq")
         return
     cli.main(argv)
     assert len(calls) == 1, calls
+    if argv[0] in ("train", "train-tokenizer"):
+        assert len(loaded) == 1 and (argv[0] == "train" or loaded[0].task == "tokenizer")

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from varjax import convert
+from varjax.interop import convert
+from varjax.interop.torch_io import load_state_dict
 from varjax.models.vqvae import PATCH_NUMS_256, PATCH_NUMS_512
-from varjax.torch_io import load_state_dict
 
 LAYOUTS = ["vae_ch160v4096z32", "var_d16", "var_d20", "var_d24", "var_d30", "var_d36"]
 

@@ -18,9 +18,10 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from varjax import ckpt, convert
 from varjax.cli import main
-from varjax.torch_io import UnsafeCheckpointError, load_state_dict, save_torch_pickle
+from varjax.core import model_dir as ckpt
+from varjax.interop import convert
+from varjax.interop.torch_io import UnsafeCheckpointError, load_state_dict, save_torch_pickle
 
 PN = (1, 2, 3, 4, 6, 8)  # the reference weights' scales (not an official schedule: convert cannot infer them)
 EPOCH = 10

@@ -9,8 +9,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 from scipy import ndimage
+from varjax.configs import common
 
-from varjax.data import pipeline, shapes
+from varjax.data import caches, pipeline, shapes, shapes_tfds
 
 SIZE = 16  # stored image side of the unit-test dataset
 NUM_TRAIN, NUM_TEST = 64, 32
@@ -20,13 +21,13 @@ NUM_TRAIN, NUM_TEST = 64, 32
 def data_dir(tmp_path_factory):
     """A TFDS data dir holding `varjax_shapes/unit`: 16x16 images, 64 train / 32 test."""
     root = str(tmp_path_factory.mktemp("tfds"))
-    config = shapes.VarjaxShapesConfig(name="unit", image_size=SIZE, num_train=NUM_TRAIN, num_test=NUM_TEST)
+    config = shapes_tfds.VarjaxShapesConfig(name="unit", image_size=SIZE, num_train=NUM_TRAIN, num_test=NUM_TEST)
     tfds.builder("varjax_shapes", data_dir=root, config=config).download_and_prepare()
     return root
 
 
 def shapes_cfg(data_dir, **overrides):
-    cfg = pipeline.default_config()
+    cfg = common.data()
     cfg.name, cfg.data_dir = "varjax_shapes/unit", data_dir
     cfg.update(overrides)
     return cfg
@@ -59,7 +60,7 @@ def test_builder_writes_the_drawn_examples(data_dir):
 
 
 def test_predefined_configs():
-    configs = {c.name: c for c in shapes.VarjaxShapes.BUILDER_CONFIGS}
+    configs = {c.name: c for c in shapes_tfds.VarjaxShapes.BUILDER_CONFIGS}
     assert configs["32"].image_size == 32 and configs["64"].image_size == 64
     assert (configs["32"].num_train, configs["32"].num_test) == (12000, 1200)
 
@@ -295,7 +296,7 @@ def test_folder_dataset(tmp_path):
     root = str(tmp_path / "imagenet")
     write_folder(root, "train", per_class=4)
     write_folder(root, "val", per_class=2)
-    cfg = pipeline.default_config()
+    cfg = common.data()
     cfg.name, cfg.folder, cfg.eval_split = "folder", root, "validation"  # 'validation' falls back to val/
     assert pipeline.num_classes(cfg) == 3
     assert pipeline.count_examples(cfg, "train") == 12 and pipeline.count_examples(cfg, "validation") == 6
@@ -316,7 +317,7 @@ def test_folder_dataset(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    cfg = pipeline.default_config()
+    cfg = common.data()
     cfg.name, cfg.folder = "folder", str(tmp_path / "missing")
     with pytest.raises(ValueError, match="missing/train"):
         pipeline.num_classes(cfg)
@@ -327,7 +328,7 @@ def test_folder_errors(tmp_path):
 
 
 def test_unknown_dataset_name_raises(tmp_path):
-    cfg = pipeline.default_config()
+    cfg = common.data()
     cfg.name, cfg.data_dir = "no_such_dataset_xyz", str(tmp_path)
     with pytest.raises(ValueError, match="no_such_dataset_xyz"):
         pipeline.num_classes(cfg)
@@ -335,7 +336,7 @@ def test_unknown_dataset_name_raises(tmp_path):
 
 def test_num_classes_reads_the_features_without_preparing_the_data(tmp_path):
     # e.g. `varjax compile` for ImageNet on a host that has no ImageNet: nothing is downloaded or written
-    cfg = pipeline.default_config()
+    cfg = common.data()
     cfg.name, cfg.data_dir = "imagenet2012", str(tmp_path / "tfds")
     assert pipeline.num_classes(cfg) == 1000
     assert not (tmp_path / "tfds").exists()
@@ -346,16 +347,16 @@ def test_token_cache(tmp_path):
     tokens = np.arange(num * length, dtype=np.int32).reshape(num, length) % 4096
     labels = np.arange(num) % 7
     path = str(tmp_path / "tokens")
-    pipeline.write_token_cache(path, tokens, labels)
-    stored, _ = pipeline.read_token_cache(path)
+    caches.write_token_cache(path, tokens, labels)
+    stored, _ = caches.read_token_cache(path)
     assert stored.dtype == np.int16  # ids below 2**15 are stored compactly
+    assert caches.cache_size(path, "tokens") == num and caches.exists(path, "tokens")
 
-    cfg = pipeline.default_config()
-    cfg.tokens_cache = path
-    kwargs = dict(image_size=8, global_batch_size=8, process_count=2, seed=3)
+    kwargs = dict(global_batch_size=8, process_count=2, seed=3)
     rows = []
     for process in range(2):
-        it = pipeline.build_train_iter(cfg, process_index=process, **kwargs)
+        it = caches.train_iterator(path, "tokens", process_index=process, **kwargs)
+        assert it.steps_per_epoch == caches.steps_per_epoch(path, "tokens", 8, 2) == 5
         batch = next(it)
         assert batch["tokens"].shape == (4, length) and batch["tokens"].dtype == np.int32
         assert batch["label"].dtype == np.int32
@@ -364,15 +365,42 @@ def test_token_cache(tmp_path):
         rows.append({int(r) for b in epoch for r in b["tokens"][:, 0] // length})
     assert rows[0].isdisjoint(rows[1]) and rows[0] | rows[1] == set(range(num))
 
-    reference = pipeline.build_train_iter(cfg, process_index=1, **kwargs)
+    reference = caches.train_iterator(path, "tokens", process_index=1, **kwargs)
     for _ in range(7):
         next(reference)
     state = reference.state()
     expected = [next(reference) for _ in range(3)]
-    resumed = pipeline.build_train_iter(cfg, process_index=1, **kwargs)
+    resumed = caches.train_iterator(path, "tokens", process_index=1, **kwargs)
     resumed.restore(state)
     assert_same_batches([next(resumed) for _ in range(3)], expected)
 
     with pytest.raises(ValueError, match="tokens_cache"):
-        cfg.tokens_cache = str(tmp_path / "nowhere")
-        pipeline.build_train_iter(cfg, process_index=0, **kwargs)
+        caches.train_iterator(str(tmp_path / "nowhere"), "tokens", process_index=0, **kwargs)
+
+
+def test_latent_cache_and_the_planned_source(tmp_path):
+    """A latent cache read as ``varjax.data.sources`` plans it: no TFDS, the cache's size and labels."""
+    from varjax.data import sources
+
+    rng = np.random.default_rng(0)
+    latents, labels = rng.normal(size=(24, 2, 2, 3)), np.arange(24) % 6
+    path = str(tmp_path / "latents")
+    caches.write_cache(path, "latents", latents, labels)
+    cfg = common.data()
+    cfg.name = "no_such_dataset_xyz"  # never opened: a cache and a class count given
+    dp = sources.plan(cfg, latents_cache=path, allowed=("images", "latents"), task="ecar", image_size=8,
+                      global_batch_size=4, process_count=1, num_classes_override=6)
+    assert (dp.source, dp.cache, dp.steps_per_epoch, dp.num_classes) == ("latents", path, 6, 6)
+    it = sources.train_iterator(dp, global_batch_size=4, process_index=0, process_count=1, seed=0)
+    seen = [next(it) for _ in range(6)]
+    got = np.concatenate([b["latents"] for b in seen])
+    assert got.dtype == np.float32 and got.shape == (24, 2, 2, 3)
+    order = np.argsort(got[:, 0, 0, 0])
+    np.testing.assert_allclose(got[order], latents[np.argsort(latents[:, 0, 0, 0])].astype(np.float32))
+    with pytest.raises(ValueError, match="tokens_cache"):  # VAR's cache on a task that reads latents
+        cfg.tokens_cache = path
+        sources.choose_source(cfg, None, ("images", "latents"), "ecar")
+    with pytest.raises(ValueError, match="both set"):
+        sources.choose_source(cfg, path, ("images", "tokens", "latents"), "x")
+    with pytest.raises(ValueError, match=r"\(24,\) integer array"):
+        caches.write_cache(path, "latents", latents, labels[:5])

@@ -4,19 +4,18 @@ starts them (SLURM_* and JAX_* variables, no ``--config.distributed``) forming o
 single-process losses, for the VAR trainer and the tokenizer trainer."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from varjax.train import sharding
+from tests import _tiny
+from varjax.core import distributed as sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_TASKS_PER_NODE",
@@ -54,9 +53,9 @@ def test_nothing_set_no_call(calls):
 
 
 def test_default_config_is_unset(calls):
-    from varjax.train.config_base import base_run
+    from varjax.configs import common
 
-    sharding.init_distributed(base_run().distributed)
+    sharding.init_distributed(common.base("var").distributed)
     assert calls == []
 
 
@@ -122,9 +121,6 @@ def test_explicit_single_process_no_call(calls):
 
 # ---------------------------------------------------------------- two processes, as srun starts them
 
-VAE_ARGS = dict(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
-                using_mid_sa=False, patch_nums=(1, 2, 4, 8), num_groups=8)
-
 
 def _free_port():
     with socket.socket() as s:
@@ -133,18 +129,13 @@ def _free_port():
 
 
 def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    steps = [r["step"] for r in rows]
-    assert len(steps) == len(set(steps)), f"metrics.jsonl repeats steps {steps}: more than one process wrote it"
-    return {r["step"]: r["loss"] for r in rows}
+    return _tiny.read_losses(workdir)  # fails when a step is logged twice: more than one process wrote it
 
 
 def _run_single_and_pair(tmp_path, command, args, devices=4):
     """Runs ``varjax COMMAND ARGS`` once with 2*devices CPU devices and as two srun-like processes of
     ``devices`` each; returns (single workdir, multi workdir, outputs of the two processes)."""
-    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds"), "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
+    env = _tiny.subprocess_env(JAX_PLATFORMS="cpu")
     for k in LAUNCH_VARS:
         env.pop(k, None)
     cmd = [sys.executable, "-m", "varjax", command, *args]
@@ -187,22 +178,16 @@ def _compare(single, multi, steps):
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
 
 
-def test_var_trainer_two_processes_from_srun_environment(tmp_path):
-    from varjax.ckpt import save_model_dir
-    from varjax.models.vqvae import VQVAE, VQVAEConfig
-
-    vae_cfg = VQVAEConfig(**VAE_ARGS)
-    params = VQVAE(vae_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
-    save_model_dir(str(tmp_path / "tok"), vae_cfg, params)
+def test_var_trainer_two_processes_from_srun_environment(vq_dir, shapes_data, tmp_path):
     steps = 3
-    args = ["--config", str(ROOT / "configs" / "var_shapes.py") + ":runlocal", f"--config.tokenizer_dir={tmp_path}/tok",
+    args = ["--config", str(ROOT / "configs" / "var_shapes.py") + ":runlocal", f"--config.tokenizer_dir={vq_dir}",
             f"--config.total_steps={steps}", "--config.log_every=1", f"--config.ckpt_every={steps}",
             "--config.async_ckpt=False", "--config.model.cond_drop_rate=0.0", "--config.data.num_shards=2"]
     single, multi = _run_single_and_pair(tmp_path, "train", args)
     _compare(single, multi, steps)
 
 
-def test_tokenizer_trainer_two_processes_from_srun_environment(tmp_path):
+def test_tokenizer_trainer_two_processes_from_srun_environment(shapes_data, tmp_path):
     steps = 3
     args = ["--config", str(ROOT / "configs" / "tokenizer_shapes.py") + ":runlocal", f"--config.total_steps={steps}",
             f"--config.ckpt_every={steps}", "--config.async_ckpt=False", "--config.data.num_shards=2",

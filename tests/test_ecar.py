@@ -1,8 +1,6 @@
 """E-CAR: multistage flow math, training signal, sampler program and FLOPs, trainer resume and sharding."""
 
-import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,10 +15,11 @@ import optax
 import pytest
 from flax.core import meta
 
-from varjax.ecar_sample import FlowSampleOptions, generate_latent, make_sampler, sampling_flops
+from tests import _tiny
+from varjax import config, train
 from varjax.models import multistage_flow as msf
 from varjax.models.ecar import ECAR, ECARConfig
-from varjax.models.kl_ae import KLAE, KLAEConfig
+from varjax.sampling.ecar import FlowSampleOptions, generate_latent, make_sampler, sampling_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 PNS = (1, 2, 4, 8)
@@ -130,13 +129,11 @@ def test_flow_loss_weights_the_drawn_stage():
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny_model(kl_dir):
+    from varjax.core.model_dir import load_params
+
     cfg = tiny_cfg()
-    ae_cfg = KLAEConfig(z_channels=4, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False, using_mid_sa=False,
-                        num_groups=8, image_size=32)
-    ae_params = meta.unbox(KLAE(ae_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
-                                             method=KLAE.init_all)["params"])
-    return ae_cfg, ae_params, cfg, init_params(cfg)
+    return _tiny.kl_cfg(), load_params(kl_dir, "vae"), cfg, init_params(cfg)
 
 
 def test_sampler_is_one_compiled_program(tiny_model):
@@ -174,64 +171,20 @@ def test_flops_formula_matches_xla(tiny_model, guidance):
 # ---------------------------------------------------------------- trainer
 
 
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
-
-@pytest.fixture(scope="module")
-def kl_tokenizer(tmp_path_factory, tiny_model):
-    from varjax.ckpt import write_model_json
-    from varjax.train.checkpointing import save_params_dir
-    from varjax.train.kl_trainer import model_json
-
-    ae_cfg, ae_params, _, _ = tiny_model
-    d = tmp_path_factory.mktemp("kltok")
-    save_params_dir(str(d / "vae"), ae_params, overwrite=True)
-    meta_json = model_json(ae_cfg, "params")
-    meta_json["vae"]["params"] = {"dir": "vae"}
-    write_model_json(d, meta_json)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tfds"))
-    os.environ["TFDS_DATA_DIR"] = d
-    return d
-
-
 N_STEPS, CKPT_EVERY = 8, 2
 CONST = ["--config.opt.wpe=1.0", "--config.opt.warmup_fraction=0.0"]
 
 
-def ecar_cfg(tok, data_dir, **over):
-    c = load_config("ecar_shapes", "runlocal")
-    c.tokenizer_dir = tok
-    c.data.data_dir = data_dir
-    c.async_ckpt = False
-    c.progress_every_s = 1e9
-    c.opt.wpe = 1.0
-    c.opt.warmup_fraction = 0.0
-    for k, v in over.items():
-        c[k] = v
-    return c
-
-
-def read_losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+def ecar_cfg(tok, **over):
+    return _tiny.ecar_config(tok, opt__wpe=1.0, opt__warmup_fraction=0.0, **over)
 
 
 @pytest.fixture(scope="module")
-def reference_losses(kl_tokenizer, data_dir, tmp_path_factory):
-    from varjax.train.var_trainer import train  # `varjax train` dispatches on config.model_family
-
-    wd = str(tmp_path_factory.mktemp("ref"))
-    train(ecar_cfg(kl_tokenizer, data_dir, total_steps=N_STEPS, ckpt_every=CKPT_EVERY), wd)
-    return read_losses(wd)
+def reference_losses(kl_dir, shapes_data, tmp_path_factory):
+    """An uninterrupted run on the embedded images (latent statistics measured, the encoder in the step)."""
+    wd = tmp_path_factory.mktemp("ref")
+    train.train(config.resolve(ecar_cfg(kl_dir, total_steps=N_STEPS, ckpt_every=CKPT_EVERY)), str(wd))
+    return _tiny.read_losses(wd)
 
 
 def _cli(tok, wd, *extra):
@@ -240,29 +193,29 @@ def _cli(tok, wd, *extra):
             "--config.progress_every_s=1000000.0", f"--config.ckpt_every={CKPT_EVERY}", *CONST, *extra]
 
 
-def test_sigkill_then_resume_gives_identical_losses(kl_tokenizer, data_dir, tmp_path, reference_losses):
-    from varjax.train.checkpointing import Checkpointer
+def test_sigkill_then_resume_gives_identical_losses(kl_dir, tmp_path, reference_losses):
+    from varjax.core.checkpoint import Checkpointer
 
     wd = tmp_path / "killed"
-    env = {**os.environ, "TFDS_DATA_DIR": data_dir}
-    proc = subprocess.Popen(_cli(kl_tokenizer, wd, "--config.total_steps=100000"), env=env, cwd=ROOT,
+    env = _tiny.subprocess_env()
+    proc = subprocess.Popen(_cli(kl_dir, wd, "--config.total_steps=100000"), env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
     try:
         while not (wd / "checkpoints" / str(CKPT_EVERY) / "state").is_dir():
             assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.time() - t0 < 300, "timed out waiting for the first checkpoint"
+            assert time.time() - t0 < 600, "timed out waiting for the first checkpoint"
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     latest = Checkpointer(str(wd)).latest_step()
     assert latest is not None and CKPT_EVERY <= latest < N_STEPS, latest
-    res = subprocess.run(_cli(kl_tokenizer, wd, f"--config.total_steps={N_STEPS}"), env=env, cwd=ROOT,
+    res = subprocess.run(_cli(kl_dir, wd, f"--config.total_steps={N_STEPS}"), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resumed from step {latest}" in res.stdout
-    got = read_losses(str(wd))
+    got = _tiny.read_losses(wd)
     assert sorted(got) == sorted(reference_losses) == list(range(1, N_STEPS + 1))
     for s in got:
         assert got[s] == pytest.approx(reference_losses[s], abs=1e-6), s
@@ -277,30 +230,26 @@ def test_sigkill_then_resume_gives_identical_losses(kl_tokenizer, data_dir, tmp_
         assert z["images"].shape == (2, 32, 32, 3) and z["latents"].shape == (2, 8, 8, 4)
 
 
-def test_mesh_222_step_equals_one_device(kl_tokenizer, data_dir, tmp_path, tiny_model):
-    from varjax.ckpt import load_model_dir
-    from varjax.train import ecar_trainer, loop, sharding
+def test_mesh_222_step_equals_one_device(kl_dir):
+    from varjax import tasks
+    from varjax.core import mesh as sharding
 
-    tok = load_model_dir(kl_tokenizer)
     rng = np.random.default_rng(0)
-    local = {"latent": rng.normal(size=(8, 8, 8, 4)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 6}
+    local = {"latents": rng.normal(size=(8, 8, 8, 4)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 6}
     out = {}
-    for name, mesh in (("one", [("data", 1), ("fsdp", 1), ("tensor", 1)]),
-                       ("222", [("data", 2), ("fsdp", 2), ("tensor", 2)])):
-        cfg = ecar_cfg(kl_tokenizer, data_dir, mesh=mesh if name == "222" else [("data", -1), ("fsdp", 1),
-                                                                                ("tensor", 1)])
-        cfg.model.embed_dim, cfg.model.num_heads = 32, 2
-        devices = jax.devices()[:1] if name == "one" else None
-        setup = loop.prepare(cfg, str(tmp_path / name), tok.vae_cfg.image_size)
-        if devices is not None:
-            setup.mesh = sharding.create_mesh(mesh, devices)
-        mcfg = ecar_trainer.ecar_config_from(cfg, tok.vae_cfg, 6)
-        task = ecar_trainer.build_task(setup, tok.vae_cfg, tok.vae_params, mcfg, jnp.float32)
-        state, shardings = sharding.create_sharded_state(task.init_fn, setup.mesh, setup.rules, jax.random.PRNGKey(0))
-        step = jax.jit(task.step_fn)
-        batch = sharding.make_global_batch(local, setup.mesh)
-        for _ in range(2):
-            state, m = step(state, batch)
+    for name, mesh, devices in (("one", [("data", 1), ("fsdp", 1), ("tensor", 1)], jax.devices()[:1]),
+                                ("222", [("data", 2), ("fsdp", 2), ("tensor", 2)], jax.devices())):
+        # fixed latent statistics: nothing to measure, no data opened
+        cfg = ecar_cfg(kl_dir, mesh=mesh, model__latent_scale=1.5, model__latent_shift=0.1)
+        plan = _tiny.plan_without_data(cfg, num_devices=len(devices))
+        mesh = sharding.create_mesh(plan.mesh, devices=devices)
+        task = tasks.ecar.build(plan, mesh)
+        state, shardings = sharding.create_sharded_state(task.init_fn, mesh, plan.rules, jax.random.PRNGKey(0))
+        step = train.jit_train_step(task.step_fn, shardings, mesh)
+        batch = sharding.make_global_batch(local, mesh)
+        with sharding.mesh_rules(mesh, plan.rules):
+            for _ in range(2):
+                state, m = step(state, batch, task.frozen)
         out[name] = (jax.device_get(state["params"]), float(m["loss"]))
     assert out["one"][1] == pytest.approx(out["222"][1], rel=1e-5)
     chex.assert_trees_all_close(out["one"][0], out["222"][0], atol=1e-5, rtol=1e-4)
@@ -308,15 +257,14 @@ def test_mesh_222_step_equals_one_device(kl_tokenizer, data_dir, tmp_path, tiny_
 
 @pytest.mark.parametrize("depth", [16, 20, 24, 30])
 def test_imagenet_configs_build_var_sized_models(depth):
-    from varjax.train.ecar_trainer import ecar_config_from
-    from varjax.train.kl_trainer import ae_config_from
+    from varjax import tasks
 
-    ae_cfg = ae_config_from(load_config("ecar_tokenizer_imagenet"))
+    ae_cfg = tasks.tokenizer.model_config(config.load("ecar_tokenizer_imagenet"))
     assert (ae_cfg.image_size, ae_cfg.latent_size, ae_cfg.z_channels) == (256, 16, 16)
-    c = load_config(f"ecar_d{depth}")
-    assert c.model_family == "ecar" and c.data.name == "imagenet2012" and c.total_epochs > 0
-    mcfg = ecar_config_from(c, ae_cfg, 1000)
+    c = config.load(f"ecar_d{depth}")
+    assert c.task == "ecar" and c.data.name == "imagenet2012" and c.total_epochs > 0
+    mcfg = tasks.ecar.model_config(c, 1000, ae_cfg)
     assert mcfg.patch_nums == (1, 2, 4, 8, 16) and mcfg.windows[-1][1] == 1.0
     assert (mcfg.embed_dim, mcfg.num_heads, mcfg.head_width) == (64 * depth, depth, 64 * depth)
-    local = load_config(f"ecar_d{depth}", "runlocal")
+    local = config.load(f"ecar_d{depth}:runlocal")
     assert local.total_steps == 2 and local.batch_size == 8

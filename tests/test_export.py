@@ -6,8 +6,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from varjax import ckpt, cli, convert
-from varjax.torch_io import load_state_dict
+from varjax import cli
+from varjax.core import model_dir
+from varjax.interop import convert
+from varjax.interop.torch_io import load_state_dict
+from varjax.models import var_params
 
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)
 
@@ -39,11 +42,11 @@ def test_stacked_layout_and_old_model_dirs_export_the_same(golden_dir, exported,
     sd = load_state_dict(golden_dir / "var_public.pth")
     cfg, params = convert.convert_var(sd, PATCH_NUMS)
     assert set(params) >= {"blocks_0", "blocks_1"}
-    stacked = convert.stack_blocks(params)
+    stacked = var_params.stack_blocks(params)
     assert stacked["blocks"]["attn"]["mat_qkv"]["kernel"].shape == (2, 128, 3, 2, 64)
     assert_identical(convert.var_state_dict(cfg, stacked), sd)
     # a model directory of parameter layout 1 (flat QKV / AdaLN kernels), saved with scan_layers on
-    bundle = ckpt.load_model_dir(exported / "model")
+    bundle = model_dir.load_model_dir(exported / "model")
     flat = dict(params)
     for i in range(cfg.depth):
         blk = {**flat[f"blocks_{i}"]}
@@ -51,8 +54,8 @@ def test_stacked_layout_and_old_model_dirs_export_the_same(golden_dir, exported,
         blk["ada_lin"] = {"kernel": blk["ada_lin"]["kernel"].reshape(128, 768), "bias": blk["ada_lin"]["bias"].ravel()}
         flat[f"blocks_{i}"] = blk
     scan_cfg = dataclasses.replace(cfg, scan_layers=True)
-    ckpt.save_model_dir(tmp_path / "old", bundle.vae_cfg, bundle.vae_params, scan_cfg, flat)
-    loaded = ckpt.load_model_dir(tmp_path / "old")
-    assert loaded.var_params["blocks"]["ada_lin"]["kernel"].shape == (2, 128, 6, 128)  # reshaped and stacked
+    model_dir.save_model_dir(tmp_path / "old", "var", bundle.tok_cfg, bundle.tok_params, scan_cfg, flat)
+    loaded = model_dir.load_model_dir(tmp_path / "old")
+    assert loaded.gen_params["blocks"]["ada_lin"]["kernel"].shape == (2, 128, 6, 128)  # reshaped and stacked
     cli.main(["export", "--ckpt", str(tmp_path / "old"), "--out", str(tmp_path / "out")])
     assert_identical(load_state_dict(tmp_path / "out" / "var.pth"), sd)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from varjax.fid import feature_stats, frechet_distance, inception_score, manifold_radii, precision_recall
+from varjax.eval.fid import feature_stats, frechet_distance, inception_score, manifold_radii, precision_recall
 
 
 def pytorch_fid_frechet(mu1, sigma1, mu2, sigma2, eps=1e-6):

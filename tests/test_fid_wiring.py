@@ -4,12 +4,11 @@ import json
 
 import pytest
 
+from varjax import cli
 from varjax.scaling import sweep
 
 
 def test_sweep_fit_adds_and_fits_fid(tmp_path, monkeypatch):
-    import varjax.evaluate
-
     Ns = {"d2": 1e5, "d3": 3e5, "d4": 1e6}
     for name, N in Ns.items():
         d = tmp_path / name
@@ -20,13 +19,13 @@ def test_sweep_fit_adds_and_fits_fid(tmp_path, monkeypatch):
         (d / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     calls = []
 
-    def fake_model_fid(ckpt, inception, fid_ref, per_class=16, opts=None, seed=0):
+    def fake_model_fid(ckpt, inception, fid_ref, per_class=16, seed=0):
         calls.append((ckpt.name, inception, fid_ref, per_class))
         return {"fid": 300 * Ns[ckpt.name] ** -0.3}
 
-    monkeypatch.setattr(varjax.evaluate, "model_fid", fake_model_fid)
-    sweep.run_cli(["varjax sweep", "fit", "--root", str(tmp_path), "--inception", "w.pth", "--fid-ref", "r.npz",
-                   "--fid-per-class", "4"])
+    monkeypatch.setattr(sweep, "model_fid", fake_model_fid)
+    cli.main(["sweep", "fit", "--root", str(tmp_path), "--inception", "w.pth", "--fid-ref", "r.npz",
+              "--fid-per-class", "4"])
     assert sorted(calls) == [(n, "w.pth", "r.npz", 4) for n in sorted(Ns)]
     data = json.loads((tmp_path / "fit" / "fits.json").read_text())
     fid_fit = data["reports"][0]["fits"]["fid"]

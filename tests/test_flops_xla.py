@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import pytest
 from flax.core import meta
 
-from varjax.models.var import VAR, VARConfig
 from varjax.models import flops
+from varjax.models.var import VAR, VARConfig
 
 
 def xla_forward_flops(cfg: VARConfig, batch: int) -> float:

@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from varjax.convert import convert_var, convert_vqvae, fit_var_params
+from varjax.interop.convert import convert_var, convert_vqvae
+from varjax.interop.torch_io import load_state_dict
+from varjax.models.resize import resize_area, resize_bicubic
 from varjax.models.var import VAR
+from varjax.models.var_params import fit_var_params
 from varjax.models.vqvae import VQVAE, split_scales
-from varjax.resize import resize_area, resize_bicubic
-from varjax.sample import SampleOptions, make_sampler
-from varjax.torch_io import load_state_dict
+from varjax.sampling.var import SampleOptions, make_sampler
 
 
 def nhwc(x):

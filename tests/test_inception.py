@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from varjax.models.inception import InceptionV3, load_inception, torch_layout
-from varjax.torch_io import save_state_dict_pth
+from varjax.eval.inception import load_inception
+from varjax.interop.torch_io import save_state_dict_pth
+from varjax.models.inception import InceptionV3, torch_layout
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -1,4 +1,4 @@
-"""``varjax.ckpt.load_params``: only the parameter subtree of a training checkpoint is read (not the optimizer
+"""``varjax.core.model_dir.load_params``: only the parameter subtree of a training checkpoint is read (not the optimizer
 moments beside it), onto host memory, one device, or a mesh other than the one that saved it."""
 
 import jax
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from varjax import ckpt
-from varjax.train import checkpointing, sharding
+from varjax.core import checkpoint as checkpointing
+from varjax.core import mesh as sharding
+from varjax.core import model_dir as ckpt
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def workdir(tmp_path_factory):
              "step": np.int32(3)}
     with checkpointing.Checkpointer(str(wd), async_save=False) as c:
         c.save(3, state, {"data": {}}, force=True)
-    ckpt.write_model_json(wd, {"format": ckpt.FORMAT, "version": 1, "vae": None,
+    ckpt.write_manifest(wd, {"format": ckpt.FORMAT, "version": 1, "vae": None,
                                "var": {"config": {}, "params": {"checkpoint": "checkpoints", "item": "state",
                                                                 "subtree": ["params"]}}})
     return wd, params

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from varjax import losses
 from varjax.models import discriminator as disc
 from varjax.models import lpips
 
@@ -198,12 +199,20 @@ def test_convert_rejects_bad_shape_and_scaling(sds):
 
 
 def test_load_lpips_params_from_files(tmp_path, sds, params):
-    torch_io = pytest.importorskip("varjax.torch_io")
+    """The tokenizer task reads the two files named by its config (``lpips_lin_path``, ``lpips_vgg_path``)."""
+    import ml_collections
+
+    from varjax.interop import torch_io
+    from varjax.tasks.tokenizer import load_lpips
+
     lin_path, vgg_path = str(tmp_path / "vgg_lin.pth"), str(tmp_path / "vgg16.pth")
     torch_io.save_state_dict_pth(lin_path, sds[0])
     torch_io.save_state_dict_pth(vgg_path, sds[1])
-    loaded = lpips.load_lpips_params(lin_path, vgg_path)
+    cfg = ml_collections.ConfigDict(dict(lpips_lin_path=lin_path, lpips_vgg_path=vgg_path, lpips_weight=1.0))
+    loaded = load_lpips(cfg)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    cfg.lpips_weight = 0.0
+    assert load_lpips(cfg) is None  # off: nothing read
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,32 +275,32 @@ def test_hinge_and_vanilla_d_loss_values():
     real = jnp.array([2.0, 0.5, -1.0])
     fake = jnp.array([-2.0, 0.0, 1.0])
     # relu(1 - real) = [0, .5, 2] -> mean 5/6; relu(1 + fake) = [0, 1, 2] -> mean 1.
-    np.testing.assert_allclose(disc.hinge_d_loss(real, fake), 0.5 * (5 / 6 + 1.0), rtol=1e-6)
+    np.testing.assert_allclose(losses.hinge_d_loss(real, fake), 0.5 * (5 / 6 + 1.0), rtol=1e-6)
     softplus = lambda v: np.log1p(np.exp(v))  # noqa: E731
     want = 0.5 * (np.mean(softplus(-np.asarray(real))) + np.mean(softplus(np.asarray(fake))))
-    np.testing.assert_allclose(disc.vanilla_d_loss(real, fake), want, rtol=1e-6)
-    np.testing.assert_allclose(disc.generator_loss(fake), 1 / 3, rtol=1e-6)
-    assert disc.get_d_loss("hinge") is disc.hinge_d_loss
+    np.testing.assert_allclose(losses.vanilla_d_loss(real, fake), want, rtol=1e-6)
+    np.testing.assert_allclose(losses.generator_loss(fake), 1 / 3, rtol=1e-6)
+    assert losses.get_d_loss("hinge") is losses.hinge_d_loss
     with pytest.raises(ValueError, match="'wgan' is unknown"):
-        disc.get_d_loss("wgan")
+        losses.get_d_loss("wgan")
 
 
 def test_adopt_weight_before_and_after_start():
-    assert float(disc.adopt_weight(0.8, 99, 100)) == 0.0
-    assert float(disc.adopt_weight(0.8, 100, 100)) == pytest.approx(0.8)
-    jitted = jax.jit(lambda step: disc.adopt_weight(0.8, step, 100))
+    assert float(losses.adopt_weight(0.8, 99, 100)) == 0.0
+    assert float(losses.adopt_weight(0.8, 100, 100)) == pytest.approx(0.8)
+    jitted = jax.jit(lambda step: losses.adopt_weight(0.8, step, 100))
     assert float(jitted(jnp.int32(5))) == 0.0 and float(jitted(jnp.int32(500))) == pytest.approx(0.8)
 
 
 def test_adaptive_weight_values_clip_and_stop_gradient():
     nll = jnp.array([[3.0, 0.0], [0.0, 4.0]])  # ||.|| = 5
     g = jnp.array([[0.0, 2.0], [0.0, 0.0]])  # ||.|| = 2
-    np.testing.assert_allclose(disc.adaptive_weight(nll, g), 5.0 / (2.0 + 1e-4), rtol=1e-6)
-    np.testing.assert_allclose(disc.adaptive_weight(nll, jnp.zeros_like(g)), 1e4)  # 5 / 1e-4 clipped
+    np.testing.assert_allclose(losses.adaptive_weight(nll, g), 5.0 / (2.0 + 1e-4), rtol=1e-6)
+    np.testing.assert_allclose(losses.adaptive_weight(nll, jnp.zeros_like(g)), 1e4)  # 5 / 1e-4 clipped
     tree = {"kernel": nll, "bias": jnp.array([0.0])}
     g_tree = {"kernel": g, "bias": jnp.array([0.0])}
-    np.testing.assert_allclose(disc.adaptive_weight(tree, g_tree), 5 / 2.0001, rtol=1e-6)
-    grad = jax.grad(lambda a: disc.adaptive_weight(a, g))(nll)
+    np.testing.assert_allclose(losses.adaptive_weight(tree, g_tree), 5 / 2.0001, rtol=1e-6)
+    grad = jax.grad(lambda a: losses.adaptive_weight(a, g))(nll)
     assert float(jnp.abs(grad).max()) == 0.0
 
 
@@ -303,10 +312,10 @@ def test_gan_losses_have_finite_gradients():
     params = numpy_variables(d, real)["params"]
 
     def d_loss(p, r, f):
-        return disc.hinge_d_loss(d.apply({"params": p}, r), d.apply({"params": p}, f))
+        return losses.hinge_d_loss(d.apply({"params": p}, r), d.apply({"params": p}, f))
 
     def g_loss(p, f):
-        return disc.generator_loss(d.apply({"params": p}, f))
+        return losses.generator_loss(d.apply({"params": p}, f))
 
     d_grads = jax.jit(jax.grad(d_loss, argnums=(0, 1, 2)))(params, real, fake)
     g_grads = jax.jit(jax.grad(g_loss, argnums=(0, 1)))(params, fake)

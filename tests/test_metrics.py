@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from varjax.train import metrics
+from varjax.core import metrics
 
 
 def test_jsonl_records_convert_scalars(tmp_path):

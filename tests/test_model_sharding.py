@@ -9,38 +9,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from varjax.configs import common
 
-from varjax.models.vqvae import VQVAE, VQVAEConfig
-from varjax.train import loop, sharding, var_trainer
-from varjax.train.config_base import var_run
+from tests import _tiny
+from varjax import tasks, train
+from varjax.core import mesh as sharding
+from varjax.models.vqvae import VQVAE
 
-VAE_CFG = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
-                      using_mid_sa=False, patch_nums=(1, 2, 4, 8), num_groups=8)
+VAE_CFG = _tiny.vq_cfg()
 MESH_222 = [("data", 2), ("fsdp", 2), ("tensor", 2)]
 
 
-def tiny_cfg(scan_layers=True, remat="dots"):
-    c = var_run(2)
+def tiny_cfg(tok, scan_layers=True, remat="dots", mesh=MESH_222):
+    c = common.var(2)
+    c.tokenizer_dir = tok
     c.model.embed_dim, c.model.num_heads, c.model.dtype = 32, 2, "float32"
     c.model.drop_path_rate, c.model.cond_drop_rate = 0.0, 0.0
     c.model.scan_layers, c.model.remat = scan_layers, remat
     c.batch_size, c.total_steps, c.tblr = 8, 10, 1e-3
+    c.mesh = mesh
     return c
 
 
-def build(cfg, mesh, vae_params):
-    setup = loop.Setup(cfg, "/nonexistent", mesh, sharding.normalize_rules(cfg.rules), None, 10, 10, True)
-    task = var_trainer.build_task(setup, VAE_CFG, vae_params, var_trainer.var_config_from(cfg, VAE_CFG, 10),
-                                  jnp.float32)
-    state, shardings = sharding.create_sharded_state(task.init_fn, mesh, setup.rules, jax.random.PRNGKey(0))
-    step = jax.jit(task.step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(shardings, sharding.replicated_sharding(mesh)))
-    return setup, state, step
-
-
-@pytest.fixture(scope="module")
-def vae_params():
-    return VQVAE(VAE_CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
+def build(cfg, devices):
+    """(plan, mesh, state, step, frozen): the state created sharded and the step jitted as the trainer does."""
+    plan = _tiny.plan_without_data(cfg, num_devices=len(devices))
+    mesh = sharding.create_mesh(plan.mesh, devices=devices)
+    task = tasks.var.build(plan, mesh)
+    state, shardings = sharding.create_sharded_state(task.init_fn, mesh, plan.rules, jax.random.PRNGKey(0))
+    return plan, mesh, state, train.jit_train_step(task.step_fn, shardings, mesh), task.frozen
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +45,17 @@ def batch():
     rng = np.random.default_rng(0)
     L = sum(p * p for p in VAE_CFG.patch_nums)
     return {"tokens": rng.integers(0, VAE_CFG.vocab_size, (8, L)).astype(np.int32),
-            "label": rng.integers(0, 10, (8,)).astype(np.int32)}
+            "label": rng.integers(0, _tiny.NUM_CLASSES, (8,)).astype(np.int32)}
 
 
 @pytest.fixture(scope="module")
-def sharded(vae_params):
+def sharded(vq_dir):
     jax.config.update("jax_threefry_partitionable", True)
-    return build(tiny_cfg(), sharding.create_mesh(MESH_222), vae_params)
+    return build(tiny_cfg(vq_dir), jax.devices())
 
 
 def test_params_split_over_fsdp_and_heads_over_tensor(sharded):
-    _, state, _ = sharded
+    _, _, state, _, _ = sharded
     blocks = state["params"]["blocks"]  # scan_layers: a leading (depth,) axis
     qkv = blocks["attn"]["mat_qkv"]["kernel"]
     assert qkv.shape == (2, 32, 3, 2, 16)
@@ -79,26 +76,27 @@ def _constraints(text: str) -> list[str]:
 
 
 def test_activation_constraints_reach_the_compiled_step(sharded, batch):
-    setup, state, step = sharded
-    gb = sharding.make_global_batch(batch, setup.mesh)
-    outside = _constraints(step.lower(state, gb).as_text())
-    with sharding.mesh_rules(setup.mesh, setup.rules):
-        inside = _constraints(step.lower(state, gb).as_text())
+    plan, mesh, state, step, frozen = sharded
+    gb = sharding.make_global_batch(batch, mesh)
+    outside = _constraints(step.lower(state, gb, frozen).as_text())
+    with sharding.mesh_rules(mesh, plan.rules):
+        inside = _constraints(step.lower(state, gb, frozen).as_text())
     assert not outside  # without the rules, with_logical_constraint does nothing
     assert len(inside) >= 4
     # the MLP hidden activations (batch, seq, act_mlp) are split over the batch axes and `tensor`
     assert any('{"data", "fsdp"}, {}, {"tensor"}' in c for c in inside), inside
 
 
-def test_sharded_scan_remat_step_matches_one_device(sharded, vae_params, batch):
-    def run(setup, state, step):
-        with sharding.mesh_rules(setup.mesh, setup.rules):
-            state, m = step(state, sharding.make_global_batch(batch, setup.mesh))
+def test_sharded_scan_remat_step_matches_one_device(sharded, vq_dir, batch):
+    def run(plan, mesh, state, step, frozen):
+        state = jax.tree.map(jnp.copy, state)  # the step donates its state; the fixture's stays usable
+        with sharding.mesh_rules(mesh, plan.rules):
+            state, m = step(state, sharding.make_global_batch(batch, mesh), frozen)
         return jax.device_get(state["params"]), {k: float(v) for k, v in jax.device_get(m).items()}
 
     p8, m8 = run(*sharded)
-    one = sharding.create_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], devices=jax.devices()[:1])
-    p1, m1 = run(*build(tiny_cfg(remat="none"), one, vae_params))  # same (scanned) init, no remat
+    one = [("data", 1), ("fsdp", 1), ("tensor", 1)]
+    p1, m1 = run(*build(tiny_cfg(vq_dir, remat="none", mesh=one), jax.devices()[:1]))  # same (scanned) init
     assert np.isfinite(m1["loss"])
     for k in ("loss", "grad_norm", "param_norm"):
         assert m8[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-5), k
@@ -123,17 +121,12 @@ def test_tokenizer_and_discriminator_convs_carry_logical_axes():
 
 @pytest.mark.parametrize("name,remat", [("var_d30", "dots"), ("var_d36", "full")])
 def test_large_recipes_use_fsdp_and_say_how_to_run_on_fewer_devices(name, remat):
-    import importlib.util
-    from pathlib import Path
+    from varjax import config
 
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = config.load(name)
     assert tuple(cfg.mesh) == (("data", -1), ("fsdp", 8), ("tensor", 1))
     assert cfg.model.scan_layers and cfg.model.remat == remat
     with pytest.raises(ValueError, match=r"8 devices.*4 available.*--config\.mesh=\"\(\('data', -1\), \('fsdp', 4\)"):
         sharding.create_mesh(cfg.mesh, jax.devices()[:4])
-    local = mod.get_config("runlocal")
+    local = config.load(f"{name}:runlocal")
     assert sharding.mesh_shape(local.mesh, 2) == {"data": 1, "fsdp": 2, "tensor": 1}  # any device count

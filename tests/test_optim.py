@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from varjax.configs import common
 
-from varjax.train import optim
+from varjax import config
+from varjax.core import optim
 
 
 def expected_lr_ratio(sche, it, wp_it, max_it, wp0, wpe):
@@ -106,11 +108,17 @@ def test_wd_mask_plain_and_boxed():
 
 
 def _cfg(**overrides):
-    cfg = optim.default_config()
+    cfg = common.optimizer()
     cfg.update(dict(sche="cos", wp0=0.5, wpe=0.1, warmup_steps=2, warmup_fraction=None, twd=0.3, twde=0.6,
                     tclip=0.05, b1=0.9, b2=0.95, eps=1e-8))
     cfg.update(overrides)
     return cfg
+
+
+def _optimizer(cfg, *, peak_lr, total_steps):
+    """The optimizer a run builds: warm-up steps resolved from the config as ``varjax.config.resolve`` does."""
+    warmup = config.steps_from(cfg, "warmup", total_steps=total_steps)
+    return optim.make_optimizer(cfg, peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup)
 
 
 def torch_adamw_reference(params, grads_seq, lrs, wds, mask, *, b1, b2, eps, clip):
@@ -140,7 +148,7 @@ def _flat(tree):
 def test_adamw_matches_torch_formula_with_clipping_and_mask():
     total, peak = 10, 0.1
     cfg = _cfg()
-    tx = optim.make_optimizer(cfg, peak_lr=peak, total_steps=total)
+    tx = _optimizer(cfg, peak_lr=peak, total_steps=total)
     params = _params()
     rng = np.random.default_rng(1)
     grads_seq = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params) for _ in range(3)]
@@ -167,7 +175,7 @@ def test_adamw_matches_torch_formula_with_clipping_and_mask():
 
 def test_clipping_disabled_and_no_weight_decay_on_masked_params():
     cfg = _cfg(tclip=0.0, twd=0.0, twde=0.0)
-    tx = optim.make_optimizer(cfg, peak_lr=0.1, total_steps=10)
+    tx = _optimizer(cfg, peak_lr=0.1, total_steps=10)
     params = _params()
     big = jax.tree.map(lambda x: np.full_like(x, 100.0), params)
     updates, _ = tx.update(big, tx.init(params), params)
@@ -179,7 +187,7 @@ def test_clipping_disabled_and_no_weight_decay_on_masked_params():
 def test_gradient_accumulation_averages_and_uses_the_completing_iteration():
     total, peak, ac = 12, 0.1, 2
     cfg = _cfg(ac=ac)
-    tx = optim.make_optimizer(cfg, peak_lr=peak, total_steps=total)
+    tx = _optimizer(cfg, peak_lr=peak, total_steps=total)
     params = _params()
     rng = np.random.default_rng(2)
     g1, g2 = (jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params) for _ in range(2))
@@ -201,16 +209,18 @@ def test_gradient_accumulation_averages_and_uses_the_completing_iteration():
 
 def test_warmup_from_epochs_and_bad_schedule_error():
     cfg = _cfg(warmup_steps=None, warmup_epochs=0.5)
-    sched = optim.make_schedules(cfg, peak_lr=1.0, total_steps=100, steps_per_epoch=8)  # 4 warm-up steps
+    warmup = config.steps_from(cfg, "warmup", steps_per_epoch=8)
+    assert warmup == 4
+    sched = optim.make_schedules(cfg, peak_lr=1.0, total_steps=100, warmup_steps=warmup)
     assert float(sched.lr(0)) == pytest.approx(0.5)
     assert float(sched.lr(2)) == pytest.approx(0.75)
     assert float(sched.lr(4)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="sche='bogus'"):
-        optim.make_optimizer(_cfg(sche="bogus"), peak_lr=1.0, total_steps=10)
+        _optimizer(_cfg(sche="bogus"), peak_lr=1.0, total_steps=10)
 
 
 def test_optimizer_state_on_boxed_params_keeps_logical_axes():
-    tx = optim.make_optimizer(_cfg(ac=2), peak_lr=0.1, total_steps=10)
+    tx = _optimizer(_cfg(ac=2), peak_lr=0.1, total_steps=10)
     boxed = {"w": nn.Partitioned(jnp.ones((2, 3)), names=("embed", "mlp"))}
     state = jax.eval_shape(tx.init, boxed)
     specs = [s for s in jax.tree.leaves(nn.get_partition_spec(state)) if s != jax.sharding.PartitionSpec()]
@@ -219,6 +229,6 @@ def test_optimizer_state_on_boxed_params_keeps_logical_axes():
 
 
 def test_default_config_is_a_configdict():
-    cfg = optim.default_config()
+    cfg = common.optimizer()
     assert isinstance(cfg, ml_collections.ConfigDict)
     assert (cfg.b1, cfg.b2, cfg.tclip, cfg.sche) == (0.9, 0.95, 2.0, "lin0")

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from varjax import cli
-from varjax.train import cli_flags, tok_trainer, var_trainer
+from varjax import cli, config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH = "[('data',-1),('fsdp',8),('tensor',1)]"
@@ -17,11 +16,15 @@ MESH = "[('data',-1),('fsdp',8),('tensor',1)]"
 def captured(monkeypatch):
     got = {}
 
-    def fake_train(cfg, workdir):
-        got["cfg"], got["workdir"] = cfg, workdir
+    def fake_train(plan, workdir):
+        got["workdir"] = workdir
 
-    monkeypatch.setattr(var_trainer, "train", fake_train)
-    monkeypatch.setattr(tok_trainer, "train", fake_train)
+    def fake_resolve(cfg, **kw):
+        got["cfg"] = cfg
+        return cfg
+
+    monkeypatch.setattr(config, "resolve", fake_resolve)
+    monkeypatch.setattr(train, "train", fake_train)
     return got
 
 
@@ -66,24 +69,37 @@ def test_wrong_types_are_reported(captured, flag, needle, capsys):
 
 
 def test_main_and_sweep_use_the_same_parser():
-    from varjax.main_job import _load_config
-    from varjax.scaling.sweep import _parse_launch, build_member_config
+    from varjax.scaling.sweep import build_member_config
 
-    cfg = _load_config("var_shapes", [f"--var.mesh={MESH}", "--var.total_steps=7"], "var")
+    cfg = config.load("var_shapes", [("mesh", MESH), ("total_steps", "7")], prefix="var")
     assert [tuple(x) for x in cfg.mesh] == [("data", -1), ("fsdp", 8), ("tensor", 1)] and cfg.total_steps == 7
+    rest, overrides = config.split_overrides(["--var.total_step=7", "--other"], "var")
+    assert rest == ["--other"]
     with pytest.raises(ValueError, match="Did you mean --var.total_steps"):
-        _load_config("var_shapes", ["--var.total_step=7"], "var")
-    a, overrides = _parse_launch(["varjax sweep launch", "--config", "configs/sweep_shapes.py", "--root", "r",
-                                  "--config.mesh", MESH])
-    assert overrides == [f"--config.mesh={MESH}"]
-    member = build_member_config(str(ROOT / "configs/sweep_shapes.py"), "d2", overrides)
+        config.load("var_shapes", overrides, prefix="var")
+    rest, overrides = config.split_overrides(["--root", "r", "--config.mesh", MESH])
+    assert rest == ["--root", "r"] and overrides == [("mesh", MESH)]
+    member = build_member_config(str(ROOT / "configs/sweep_shapes.py"), "d2", [f"--config.mesh={MESH}"])
     assert [tuple(x) for x in member.mesh] == [("data", -1), ("fsdp", 8), ("tensor", 1)]
 
 
+def test_main_overrides_reach_both_configs(monkeypatch):
+    """``varjax main --tok.x=... --ecar.y=...``: each prefix sets its own config."""
+    from varjax import demo
+
+    got = []
+    monkeypatch.setattr(demo, "run", lambda model, workdir, tok, gen, per_class: got.append((model, tok, gen)))
+    cli.main(["main", "--model", "ecar", "--tok.total_steps=3", "--ecar.total_steps", "5", "--per-class", "2"])
+    assert got == [("ecar", [("total_steps", "3")], [("total_steps", "5")])]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["main", "--model", "ecar", "--var.total_steps=3"])  # the other family's prefix
+    assert e.value.code == 2
+
+
 def test_parse_value_units():
-    assert cli_flags.parse_value("None", 3, int) is None
-    assert cli_flags.parse_value("123", "x", str) == "123"
-    assert cli_flags.parse_value("1e-3", 0.1, float) == pytest.approx(1e-3)
-    assert cli_flags.parse_value("[('data', 2)]", [("data", -1)], list) == [("data", 2)]
+    assert config.parse_value("None", 3, int) is None
+    assert config.parse_value("123", "x", str) == "123"
+    assert config.parse_value("1e-3", 0.1, float) == pytest.approx(1e-3)
+    assert config.parse_value("[('data', 2)]", [("data", -1)], list) == [("data", 2)]
     with pytest.raises(ValueError):
-        cli_flags.parse_value("2.5", 1, int)
+        config.parse_value("2.5", 1, int)

@@ -73,7 +73,13 @@ def test_wheel_ships_every_config(installed):
     _, names = installed
     for cfg in (ROOT / "configs").glob("*.py"):
         assert f"varjax/configs/{cfg.name}" in names, cfg.name
-    assert "varjax/config_files.py" in names
+    assert "varjax/config.py" in names and "varjax/configs/common.py" in names
+    # every package of the layout ships (an __init__.py in each folder of varjax/)
+    for pkg in sorted(p.parent for p in (ROOT / "varjax").rglob("*.py")):
+        rel = pkg.relative_to(ROOT).as_posix()
+        assert f"{rel}/__init__.py" in names, rel
+    for path in (ROOT / "varjax").rglob("*.py"):
+        assert path.relative_to(ROOT).as_posix() in names, path
 
 
 def test_installed_package_resolves_configs_without_the_checkout(installed, tmp_path):
@@ -81,28 +87,30 @@ def test_installed_package_resolves_configs_without_the_checkout(installed, tmp_
     code = (
         f"SITE = r'{site}'\n"
         "import importlib.util, pathlib, varjax\n"
-        "from varjax.config_files import resolve_config\n"
+        "from varjax.config import load, resolve_config\n"
         "assert pathlib.Path(varjax.__file__).is_relative_to(pathlib.Path(SITE)), varjax.__file__\n"
         "for spec in ('var_d16', 'configs/var_d16.py', 'tokenizer_shapes:runlocal'):\n"
         "    path = pathlib.Path(resolve_config(spec).partition(':')[0])\n"
         "    assert path.is_relative_to(pathlib.Path(SITE)), path\n"
         "    m = importlib.util.module_from_spec(importlib.util.spec_from_file_location('c', path))\n"
         "    m.__spec__.loader.exec_module(m)\n"
-        "    print(spec, type(m.get_config()).__name__)\n"
+        "    print(spec, type(m.get_config()).__name__, load(spec).task)\n"
     )
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"},
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+             "VARJAX_COMPILE_CACHE": "off"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("ConfigDict") == 3, r.stdout
+    assert r.stdout.count("ConfigDict") == 3 and r.stdout.count(" var\n") == 2, r.stdout
 
 
 def test_checkout_resolves_names_and_paths(tmp_path, monkeypatch):
-    from varjax.config_files import available, resolve_config
+    from varjax.config import available, resolve_config
 
     monkeypatch.chdir(tmp_path)  # no configs/ here
-    assert {"var_d16", "var_shapes", "tokenizer_shapes", "sweep_shapes"} <= set(available())
+    assert {"var_d16", "var_shapes", "tokenizer_shapes", "sweep_shapes", "ecar_shapes"} <= set(available())
+    assert "common" not in available()  # the defaults, not a recipe
     assert resolve_config("var_d16").endswith("var_d16.py")
     assert resolve_config("configs/var_d16.py:x=1").endswith("var_d16.py:x=1")
     assert resolve_config("gs://bucket/c.py:a") == "gs://bucket/c.py:a"

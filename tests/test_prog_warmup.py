@@ -1,11 +1,14 @@
-"""Progressive-training loss ramp: the O(1)-per-step bookkeeping gives the same weights as a rescan from step 0."""
+"""Progressive-training loss ramp: the O(log)-per-step bookkeeping gives the same weights as a rescan from step 0,
+and the VAR task hands them to its step (``Task.batch_extras``) as a function of the step alone, so a resumed run
+gets the weights of an uninterrupted one."""
 
 import functools
 
 import numpy as np
 import pytest
 
-from varjax.train.var_trainer import _with_prog_wp, prog_stage, prog_warmup, stage_start
+from tests import _tiny
+from varjax.tasks.var import prog_stage, prog_warmup, stage_start
 
 
 def rescan_warmup(step, stage_fn, pgwp_it):
@@ -17,25 +20,6 @@ def rescan_warmup(step, stage_fn, pgwp_it):
     if stage_fn(0) == si:
         return 1.0
     return max(min((step - first + 1) / max(pgwp_it, 1e-9), 1.0), 0.01)
-
-
-class Batches:
-    """A data iterator of labels only, with the save/restore interface of the pipeline's iterator."""
-
-    steps_per_epoch = 7
-
-    def __init__(self):
-        self.n = 0
-
-    def __next__(self):
-        self.n += 1
-        return {"label": np.zeros((2,), np.int32)}
-
-    def state(self):
-        return {"n": self.n}
-
-    def restore(self, s):
-        self.n = s["n"]
 
 
 SCHEDULES = [
@@ -53,23 +37,43 @@ def test_warmup_equals_rescan(kw, pgwp_it):
     want = [rescan_warmup(s, stage, pgwp_it) for s in steps]
     assert [prog_warmup(s, stage, pgwp_it) for s in steps] == want
     assert pgwp_it <= 1 or len(set(want)) > 2  # the schedule really ramps
-    it = _with_prog_wp(Batches(), stage, pgwp_it)
-    assert [float(next(it)["prog_wp"][0]) for _ in steps] == pytest.approx(want)
 
 
 @pytest.mark.parametrize("kw", SCHEDULES)
-def test_stage_start_and_resume(kw):
+def test_stage_start(kw):
     stage = functools.partial(prog_stage, **kw)
     for s in range(kw["max_it"] + 5):
         first = stage_start(s, stage)
         assert stage(first) == stage(s) and (first == 0 or stage(first - 1) != stage(s))
-    whole = _with_prog_wp(Batches(), stage, 4.0)
-    want = [float(next(whole)["prog_wp"][0]) for _ in range(kw["max_it"])]
-    for cut in (1, kw["max_it"] // 3, kw["max_it"] // 2 + 1):
-        a = _with_prog_wp(Batches(), stage, 4.0)
-        for _ in range(cut):
-            next(a)
-        b = _with_prog_wp(Batches(), stage, 4.0)  # a restarted job
-        b.restore(a.state())
-        got = want[:cut] + [float(next(b)["prog_wp"][0]) for _ in range(kw["max_it"] - cut)]
-        assert got == pytest.approx(want)
+
+
+@pytest.mark.parametrize("pgwp", [0.0, 0.5])
+def test_var_task_hands_the_weights_to_its_step(vq_dir, tokens_cache, pgwp):
+    """``batch_extras`` of the VAR task: the reference's stages over the run's own warm-up and length, the ramp
+    ``pgwp`` epochs long (0: total_steps / 300), the same value for a step whatever came before."""
+    cfg = _tiny.var_config(vq_dir, tokens_cache, pg=0.6, pg0=1, pgwp=pgwp, total_steps=600,
+                           opt__warmup_fraction=0.05)
+    plan, _, task = _tiny.build(cfg, _tiny_devices())
+    assert plan.steps_per_epoch == 8 and plan.warmup_steps == 30  # 64 cached examples, batch 8
+    stage = functools.partial(prog_stage, pg=0.6, pg0=1, wp_it=30, max_it=600, num_scales=4)
+    pgwp_it = pgwp * 8 if pgwp else 600 / 300
+    steps = list(range(600))
+    batch = {"label": np.zeros((8,), np.int32), "tokens": np.zeros((8, 85), np.int32)}
+    got = {s: task.batch_extras(s, batch) for s in reversed(steps)}  # any order: a resumed run starts anywhere
+    assert all(g["tokens"] is batch["tokens"] and g["prog_wp"].shape == (8,) for g in got.values())
+    want = [rescan_warmup(s, stage, pgwp_it) for s in steps]
+    assert [float(got[s]["prog_wp"][0]) for s in steps] == pytest.approx(want)
+    assert min(want) < 1.0  # a ramp happens
+    # the compiled step follows the stage (one program per stage)
+    assert [task.step_variant(s) for s in (0, 30, 599)] == [stage(0), stage(30), stage(599)] == [1, 1, -1]
+
+
+def test_without_progressive_training_the_task_adds_nothing(vq_dir, tokens_cache):
+    _, _, task = _tiny.build(_tiny.var_config(vq_dir, tokens_cache, pg=0.0), _tiny_devices())
+    assert task.batch_extras is None and task.step_variant is None
+
+
+def _tiny_devices():
+    import jax
+
+    return jax.devices()[:1]

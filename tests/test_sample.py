@@ -7,7 +7,7 @@ import pytest
 
 from varjax.models.var import VAR, VARConfig
 from varjax.models.vqvae import PATCH_NUMS_256, VQVAE, VQVAEConfig
-from varjax.sample import (
+from varjax.sampling.var import (
     SampleOptions,
     keep_masks,
     make_sampler,

@@ -1,7 +1,6 @@
 """varjax sample-many: ADM npz layout, greedy parity with the reference, resume, device and process counts."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import _tiny
 from tests._sample_many_worker import CLASSES, OPTS, tiny_bundle
 from varjax.cli import main
-from varjax.images import to_uint8
-from varjax.sample_many import parse_classes, read_tokens, sample_many
+from varjax.data.images import to_uint8
+from varjax.eval.sample_many import parse_classes, read_extra, sample_many
 
 PN = "1,2,3,4,6,8"
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_npz_is_in_class_order_with_one_png_per_sample(full_run):
 def test_one_device_equals_eight(bundle, full_run, tmp_path):
     res = sample_many(bundle, tmp_path, classes=CLASSES, per_class=5, opts=OPTS, seed=0, batch_size=8,
                       devices=jax.devices()[:1])
-    tokens, ref_tokens = read_tokens(tmp_path), read_tokens(full_run[0])
+    tokens, ref_tokens = read_extra(tmp_path), read_extra(full_run[0])
     assert tokens.shape == (10, 30) and len({t.tobytes() for t in ref_tokens}) == 10  # every sample has its own key
     np.testing.assert_array_equal(tokens, ref_tokens)
     # the decoder's float rounding may differ with the per-device batch; never by more than one level
@@ -81,7 +81,7 @@ def test_one_device_equals_eight(bundle, full_run, tmp_path):
 def test_samples_depend_only_on_class_and_index(bundle, full_run, tmp_path):
     res = sample_many(bundle, tmp_path, classes=np.asarray([7], np.int32), per_class=3, opts=OPTS, seed=0,
                       batch_size=8)
-    np.testing.assert_array_equal(read_tokens(tmp_path), read_tokens(full_run[0])[5:8])
+    np.testing.assert_array_equal(read_extra(tmp_path), read_extra(full_run[0])[5:8])
     np.testing.assert_array_equal(np.load(res.npz)["arr_0"], np.load(full_run[1].npz)["arr_0"][5:8])
 
 
@@ -120,11 +120,10 @@ def test_two_processes_equal_one(full_run, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = _tiny.subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     worker = str(ROOT / "tests" / "_sample_many_worker.py")
     procs = [subprocess.Popen([sys.executable, worker, str(tmp_path), f"localhost:{port}", "2", str(i)], cwd=ROOT,
-                              env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = []
     try:
         for p in procs:
@@ -137,7 +136,7 @@ def test_two_processes_equal_one(full_run, tmp_path):
         assert p.returncode == 0, out[-4000:]
     assert sorted(f.name for f in (tmp_path / "chunks").iterdir()) == [
         f"c{c:06d}.p{p:03d}.npz" for c in range(2) for p in range(2)]
-    np.testing.assert_array_equal(read_tokens(tmp_path), read_tokens(full_run[0]))
+    np.testing.assert_array_equal(read_extra(tmp_path), read_extra(full_run[0]))
     a, b = np.load(tmp_path / "samples.npz")["arr_0"].astype(int), np.load(full_run[1].npz)["arr_0"].astype(int)
     assert np.abs(a - b).max() <= 1
     np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_1"], [3] * 5 + [7] * 5)

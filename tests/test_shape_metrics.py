@@ -5,8 +5,8 @@ import colorsys
 import numpy as np
 import pytest
 
-from varjax import shape_metrics as sm
 from varjax.data.shapes import NUM_CLASSES, classify_shapes, coverage, draw_example
+from varjax.eval import shape_metrics as sm
 
 SIZE, N_REF, N_GEN = 32, 120, 48
 
@@ -152,32 +152,39 @@ def test_var_eval_reports_the_distribution_metric(monkeypatch):
     """The wiring of ``varjax eval`` (sampler and tokenizer replaced by real images and a known map)."""
     from types import SimpleNamespace
 
-    from varjax import evaluate
-    from varjax.ckpt import ModelBundle
+    from varjax.core.model_dir import ModelBundle
+    from varjax.eval import consistency
 
     imgs, labels = _fake_samples(8)
-    bundle = ModelBundle(SimpleNamespace(image_size=SIZE), {}, SimpleNamespace(num_classes=NUM_CLASSES), {})
-    monkeypatch.setattr(evaluate, "load_model_dir", lambda ckpt: bundle)
-    monkeypatch.setattr(evaluate, "tokenizer_numbers", lambda b, n: {})
-    monkeypatch.setattr(evaluate, "sample_per_class", lambda b, per, opts, seed, classes: (imgs, labels))
-    monkeypatch.setattr(evaluate, "reconstruct", lambda b, x: x[:, ::-1])  # a "tokenizer" that flips images
-    res = evaluate.evaluate("tiny", per_class=8, shape_ref=N_REF)
+    bundle = ModelBundle("var", SimpleNamespace(image_size=SIZE), {}, SimpleNamespace(num_classes=NUM_CLASSES), {})
+    monkeypatch.setattr(consistency, "load_model_dir", lambda ckpt, ema=True: bundle)
+    monkeypatch.setattr(consistency, "tokenizer_numbers", lambda b, n: {})
+    monkeypatch.setattr(consistency, "sample_per_class",
+                        lambda b, per, opts, seed, classes: (imgs, labels, {"gflops_per_image": 1.0}))
+    monkeypatch.setattr(consistency, "reconstruct", lambda cfg, p, x: x[:, ::-1])  # a "tokenizer" that flips images
+    res = consistency.evaluate("tiny", per_class_n=8, shape_ref=N_REF)
     assert all(isinstance(res[k], float) for k in KEYS) and res["shape_n_second"] == len(imgs)
     want = sm.shape_metrics(imgs, lambda x: x[:, ::-1], n_ref=N_REF)
     assert all(res[k] == pytest.approx(want[k]) for k in KEYS)
     assert res["shape_fd_floor"] > res["shape_fd_real"]  # flipped triangles point down: read as other classes
-    assert "shape_fd" not in evaluate.evaluate("tiny", per_class=8, shape_ref=0)
+    assert res["class_consistency"] == 1.0 and res["family"] == "var" and res["gflops_per_image"] == 1.0
+    assert res["sampling"]["cfg"] == 1.5  # the VAR sampler's defaults
+    assert "shape_fd" not in consistency.evaluate("tiny", per_class_n=8, shape_ref=0)
 
 
 def test_ecar_eval_reports_the_distribution_metric(monkeypatch):
-    """The E-CAR main job's evaluation: reconstructions through the KL autoencoder (tiny, random)."""
+    """The same evaluation for E-CAR: reconstructions through the KL autoencoder (tiny, random), the sampling
+    defaults of the model directory."""
+    from types import SimpleNamespace
+
     import jax
     import jax.numpy as jnp
     from flax.core import meta
 
-    from varjax import ckpt, ecar_main
-    from varjax.models.ecar import ECARConfig
+    from varjax.core.model_dir import ModelBundle
+    from varjax.eval import consistency
     from varjax.models.kl_ae import KLAE, KLAEConfig
+    from varjax.sampling import codec
 
     ae_cfg = KLAEConfig(z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, using_sa=False, using_mid_sa=False,
                         num_groups=8, image_size=SIZE)
@@ -186,15 +193,25 @@ def test_ecar_eval_reports_the_distribution_metric(monkeypatch):
                             jax.random.PRNGKey(0))["params"]
     rng = np.random.default_rng(0)
     ae_params = jax.tree_util.tree_map(lambda s: rng.normal(0, 0.2, s.shape).astype(s.dtype), meta.unbox(shapes))
-    cfg = ECARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=NUM_CLASSES, Cvae=4, patch_nums=(1, 2, 4))
-    bundle = ckpt.ModelBundle(ae_cfg, ae_params, family="ecar", ecar_cfg=cfg, ecar_params={})
+    manifest = {"ecar": {"sample": {"cfg": 4.0, "steps": 2, "solver": "heun", "temperature": 0.3}}}
+    bundle = ModelBundle("ecar", ae_cfg, ae_params, SimpleNamespace(num_classes=NUM_CLASSES), {}, manifest)
     imgs, labels = _fake_samples(4)
-    monkeypatch.setattr(ckpt, "load_model_dir", lambda path: bundle)
-    monkeypatch.setattr(ecar_main, "compiled_sampler", lambda b, opts, n: (lambda *a: (imgs, None), 0.0))
-    res = ecar_main.evaluate_ecar("tiny", per_class=4, shape_ref=N_REF)
+    seen = {}
+
+    def fake_samples(b, per, opts, seed, classes):
+        seen["opts"] = opts
+        return imgs, labels, {}
+
+    monkeypatch.setattr(consistency, "load_model_dir", lambda path, ema=True: bundle)
+    monkeypatch.setattr(consistency, "tokenizer_numbers", lambda b, n: {})
+    monkeypatch.setattr(consistency, "sample_per_class", fake_samples)
+    res = consistency.evaluate("tiny", per_class_n=4, shape_ref=N_REF, flags={"flow_steps": 3})
     assert all(isinstance(res[k], float) for k in KEYS) and res["shape_n_second"] == len(imgs)
     assert res["shape_fd"] == pytest.approx(sm.shape_metrics(imgs, n_ref=N_REF)["shape_fd"])
-    rec = ecar_main.kl_reconstruct(bundle, imgs[:3])
+    # the model directory's defaults, a flag over them
+    assert res["sampling"] == {"cfg": 4.0, "steps": 3, "solver": "heun", "temperature": 0.3, "seed": 0, "ema": True}
+    assert seen["opts"].steps == 3
+    rec = codec.reconstruct(ae_cfg, ae_params, imgs[:3])
     z = jax.jit(lambda p, x: KLAE(ae_cfg).apply({"params": p}, x, method=KLAE.encode))(ae_params, imgs[:3] * 2 - 1)
     want = jax.jit(lambda p, z: KLAE(ae_cfg).apply({"params": p}, z, method=KLAE.decode))(ae_params, z)
     np.testing.assert_allclose(rec, np.clip((np.asarray(want) + 1) / 2, 0, 1), atol=1e-5)

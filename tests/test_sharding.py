@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from varjax.train import sharding
+from varjax.core import mesh as sharding
 
 MESH_222 = [("data", 2), ("fsdp", 2), ("tensor", 2)]
 
@@ -108,14 +108,14 @@ def test_rules_from_config_lists():
     mesh = sharding.create_mesh(MESH_222)
     state, _ = sharding.create_sharded_state(_init_fn(MLP(), optax.sgd(0.1)), mesh, rules, jax.random.key(0))
     assert state["params"]["Dense_0"]["kernel"].sharding.spec == P(None, None)
-    with pytest.raises(ValueError, match="logical_axis_rules"):
+    with pytest.raises(ValueError, match=r"`rules` entries must be \(logical_axis, mesh_axis\) pairs"):
         sharding.normalize_rules(["batch"])
 
 
 def _train(mesh, steps=3):
     """Linear regression + MLP with Adam on `mesh`; returns (losses, params on host)."""
     model, tx = MLP(), optax.adam(5e-2)
-    rules = sharding.DEFAULT_RULES
+    rules = sharding.RULES
     state, state_sh = sharding.create_sharded_state(_init_fn(model, tx), mesh, rules, jax.random.key(1))
     batch_sh = {"x": sharding.batch_sharding(mesh, 2), "y": sharding.batch_sharding(mesh, 2)}
 
@@ -184,15 +184,18 @@ def test_init_distributed_single_process_is_a_noop(monkeypatch):
     for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
                 "MEGASCALE_COORDINATOR_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
+    import ml_collections
+
+    from varjax.core import distributed
+
     called = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: called.append(kw))
-    sharding.init_distributed(None)
+    distributed.init_distributed(None)
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    sharding.init_distributed(None)
+    distributed.init_distributed(None)
     assert called == []
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    sharding.init_distributed(None)
-    import ml_collections
-    sharding.init_distributed(ml_collections.ConfigDict(
+    distributed.init_distributed(None)
+    distributed.init_distributed(ml_collections.ConfigDict(
         {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}))
     assert called == [{}, {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}]

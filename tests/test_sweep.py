@@ -4,12 +4,10 @@ import csv
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import pytest
 
-from varjax import ckpt
-from varjax.models.vqvae import VQVAE, VQVAEConfig
+from tests import _tiny
+from varjax import cli, config, train
 from varjax.models import flops
 from varjax.scaling import sweep
 
@@ -18,14 +16,12 @@ ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def sweep_env(tmp_path_factory):
+def sweep_env(tmp_path_factory, shapes_data):
     tmp = tmp_path_factory.mktemp("sweep")
-    vae_cfg = VQVAEConfig(vocab_size=32, z_channels=8, ch=8, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
-                          using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 3, 4), num_groups=4)
+    vae_cfg = _tiny.vq_cfg(vocab_size=32, ch=8, ch_mult=(1, 1, 2, 2), patch_nums=(1, 2, 3, 4), num_groups=4)
     assert vae_cfg.image_size == 32  # the tiny shapes images
-    params = VQVAE(vae_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
-    ckpt.save_model_dir(tmp / "tok", vae_cfg, params)
-    overrides = [f"--config.tokenizer_dir={tmp / 'tok'}", f"--config.data.data_dir={tmp / 'data'}"]
+    _tiny.save_vq(tmp / "tok", vae_cfg)
+    overrides = [f"--config.tokenizer_dir={tmp / 'tok'}"]
     cwd = os.getcwd()
     os.chdir(ROOT_DIR)
     try:
@@ -35,25 +31,27 @@ def sweep_env(tmp_path_factory):
 
 
 def test_member_configs_follow_the_shape_rules():
-    module = sweep.load_sweep_module("configs/sweep_shapes.py")
-    members = sweep.collect_members(module.sweep, "width=8")
+    module = config.load_module(config.resolve_config("configs/sweep_shapes.py").partition(":")[0])
+    members = config.collect_members(module.sweep, "width=8")
     assert [m["name"] for m in members] == ["d2", "d3", "d4"]
-    c = module.get_config("width=8,member=d3")
+    c = config.load("configs/sweep_shapes.py:width=8,member=d3")
     assert (c.model.depth, c.model.embed_dim, c.model.num_heads) == (3, 24, 3)
     assert c.model.drop_path_rate == pytest.approx(0.1 * 3 / 24)
     assert c.eval_every == c.total_steps
     with pytest.raises(ValueError, match="unknown sweep member"):
-        module.get_config("member=d9")
-    imagenet = sweep.load_sweep_module("configs/sweep_imagenet.py")
-    d30 = imagenet.get_config("member=d30")
+        config.load("configs/sweep_shapes.py:member=d9")
+    d30 = config.load("sweep_imagenet:member=d30")
     assert (d30.model.embed_dim, d30.model.num_heads, d30.batch_size, d30.tblr) == (1920, 30, 1024, 8e-5)
-    assert imagenet.get_config("member=d16").tblr == 1e-4
+    assert config.load("sweep_imagenet:member=d16").tblr == 1e-4
+    # a member built by the sweep is the config `varjax train --config SWEEP:member=NAME` loads
+    member = sweep.build_member_config("configs/sweep_shapes.py:width=8", "d3", ["--config.total_steps=7"])
+    assert member.to_dict() == config.load("configs/sweep_shapes.py:width=8,member=d3",
+                                           [("total_steps", "7")]).to_dict()
 
 
 def test_print_commands(sweep_env, capsys):
     tmp, overrides = sweep_env
-    sweep.run_cli(["varjax sweep", "launch", "--config", CONFIG, "--root", str(tmp / "printed"),
-                   "--print-commands", *overrides])
+    cli.main(["sweep", "launch", "--config", CONFIG, "--root", str(tmp / "printed"), "--print-commands", *overrides])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("varjax train")]
     assert len(lines) == 3
     for name, line in zip(("d2", "d3", "d4"), lines, strict=True):
@@ -71,10 +69,8 @@ def test_launch_fit_and_relaunch(sweep_env, capsys):
     calls = []
 
     def counting_train(cfg, workdir):
-        from varjax.train.var_trainer import train
-
         calls.append(workdir)
-        return train(cfg, workdir)
+        return train.train(config.resolve(cfg), workdir)
 
     res = sweep.launch(CONFIG, str(root), overrides, train_fn=counting_train)
     assert [r["status"] for r in res] == ["trained"] * 3
@@ -103,7 +99,7 @@ def test_launch_fit_and_relaunch(sweep_env, capsys):
     m.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     capsys.readouterr()
-    sweep.run_cli(["varjax sweep", "fit", "--root", str(root)])
+    cli.main(["sweep", "fit", "--root", str(root)])
     out = capsys.readouterr().out
     assert "evaluating the last checkpoint" in out and "L_mean = (" in out
     fit_dir = root / "fit"

@@ -1,8 +1,6 @@
 """Tokenizer trainer: loss, discriminator/adaptive weight, EMA and usage bookkeeping, end-to-end into VAR."""
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -11,23 +9,18 @@ import numpy as np
 import pytest
 from flax.core import meta
 
+from tests import _tiny
+from varjax import config, train
+from varjax.core import metrics, model_dir
 from varjax.models.vqvae import VQVAE
-from varjax.train import loop, metrics
-from varjax.train import tok_trainer as tt
+from varjax.tasks import tokenizer as tt
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
-
 def tiny_cfg(**overrides):
     """16x16 images, 2 levels, scales 1-2-4-8: compiles and steps in well under a second."""
-    c = load_config("tokenizer_shapes", "runlocal")
+    c = _tiny.load("tokenizer_shapes:runlocal")
     c.vae.ch_mult = (1, 2)
     c.vae.ch = 16
     c.vae.num_groups = 4
@@ -36,17 +29,20 @@ def tiny_cfg(**overrides):
     c.image_every = 0
     c.disc.n_layers = 2
     c.disc.ndf = 8
-    for k, v in overrides.items():
-        c[k] = v
-    return c
+    return _tiny.set_fields(c, **overrides)
 
 
 def make_task(cfg, total_steps=100):
-    setup = loop.Setup(cfg, "", None, None, None, total_steps, 10, True)
-    vae_cfg = tt.vae_config_from(cfg)
-    task = tt.build_task(setup, vae_cfg)
-    state = meta.unbox(task.init_fn(jax.random.PRNGKey(0)))  # parameters carry logical-axis boxes
-    return task, vae_cfg, state
+    """(task with the loop's EMA, its init and step, model config, initial state) on one device."""
+    from varjax.core import mesh as mesh_lib
+
+    cfg.total_steps = total_steps
+    plan = _tiny.plan_without_data(cfg)
+    mesh = mesh_lib.create_mesh(plan.mesh, devices=jax.devices()[:1])
+    task = tt.build(plan, mesh)
+    init_fn, step_fn = train.with_ema(task.init_fn, task.step_fn, plan.ema_decay)
+    state = meta.unbox(init_fn(jax.random.PRNGKey(0)))  # parameters carry logical-axis boxes
+    return task, jax.jit(step_fn), plan.model, state
 
 
 def batch_of(n=4, side=16, seed=0):
@@ -58,12 +54,11 @@ def batch_of(n=4, side=16, seed=0):
 
 def test_loss_falls_on_a_fixed_batch():
     cfg = tiny_cfg(ema_decay=0.0)
-    task, _, state = make_task(cfg, total_steps=1000)
-    step = jax.jit(task.step_fn)
+    task, step, _, state = make_task(cfg, total_steps=1000)
     batch = batch_of()
     losses, recon, psnrs = [], [], []
     for _ in range(40):
-        state, m = step(state, batch)
+        state, m = step(state, batch, task.frozen)
         losses.append(float(m["loss"]))
         recon.append(float(m["recon_l1"] + m["recon_l2"]))
         psnrs.append(float(m["psnr"]))
@@ -73,22 +68,20 @@ def test_loss_falls_on_a_fixed_batch():
     assert losses[-1] < max(losses), losses
     assert psnrs[-1] > psnrs[0] + 5, psnrs
     assert int(state["step"]) == 40
-    # with ema_decay 0 the exported weights are the trained weights
-    assert task.export_key == "params"
-    np.testing.assert_array_equal(state["ema_params"]["decoder"]["conv_out"]["kernel"],
-                                  state["params"]["decoder"]["conv_out"]["kernel"])
+    # with ema_decay 0 there is no EMA: the exported weights are the trained weights
+    assert "ema_params" not in state
+    assert task.manifest["vae"]["params"]["subtree"] == ["params"]
 
 
 def test_discriminator_and_adaptive_weight_after_disc_start():
     cfg = tiny_cfg(disc_weight=0.5, disc_start=1, adaptive_disc_weight=True)
-    task, _, state = make_task(cfg)
-    step = jax.jit(task.step_fn)
+    task, step, _, state = make_task(cfg)
     batch = batch_of()
     d0 = state["disc_params"]
-    s1, m1 = step(state, batch)  # step 0 < disc_start: discriminator frozen, no adversarial term
+    s1, m1 = step(state, batch, task.frozen)  # step 0 < disc_start: discriminator frozen, no adversarial term
     assert float(m1["disc_factor"]) == 0.0 and float(m1["d_weight"]) == 0.0
     jax.tree.map(np.testing.assert_array_equal, s1["disc_params"], jax.device_get(d0))
-    s2, m2 = step(s1, batch)  # step 1: on
+    s2, m2 = step(s1, batch, task.frozen)  # step 1: on
     assert float(m2["disc_factor"]) == 1.0
     for k in ("loss", "g_loss", "d_loss", "d_weight", "grad_norm"):
         assert np.isfinite(float(m2[k])), k
@@ -103,17 +96,18 @@ def test_discriminator_and_adaptive_weight_after_disc_start():
 def test_ema_bookkeeping_two_steps():
     d = 0.9
     cfg = tiny_cfg(ema_decay=d)
-    task, _, state = make_task(cfg)
-    step = jax.jit(task.step_fn)
+    task, step, _, state = make_task(cfg)
     p0 = np.asarray(state["params"]["decoder"]["conv_out"]["bias"])
-    s1, _ = step(state, batch_of(seed=1))
+    s1, _ = step(state, batch_of(seed=1), task.frozen)
     p1 = np.asarray(s1["params"]["decoder"]["conv_out"]["bias"])
-    s2, _ = step(s1, batch_of(seed=2))
+    s2, _ = step(s1, batch_of(seed=2), task.frozen)
     p2 = np.asarray(s2["params"]["decoder"]["conv_out"]["bias"])
     assert not np.allclose(p0, p1)
     want = d * (d * p0 + (1 - d) * p1) + (1 - d) * p2
     np.testing.assert_allclose(np.asarray(s2["ema_params"]["decoder"]["conv_out"]["bias"]), want, rtol=1e-5, atol=1e-7)
-    assert task.export_key == "ema_params"
+    # the model directory's default weights are the EMA, the raw ones beside them
+    assert task.manifest["vae"]["params"]["subtree"] == ["ema_params"]
+    assert task.manifest["vae"]["params"]["raw_subtree"] == ["params"]
 
 
 def hits_of(vae_cfg, params, img):
@@ -127,14 +121,13 @@ def hits_of(vae_cfg, params, img):
 def test_usage_bookkeeping_against_hand_counted_hits():
     u = 0.5
     cfg = tiny_cfg(usage_decay=u)
-    task, vae_cfg, state = make_task(cfg)
-    step = jax.jit(task.step_fn)
+    task, step, vae_cfg, state = make_task(cfg)
     b1, b2 = batch_of(seed=3), batch_of(seed=4)
     h1 = hits_of(vae_cfg, state["params"], b1["image"])
     assert h1.sum(1).tolist() == [4 * p * p for p in vae_cfg.patch_nums]
-    s1, _ = step(state, b1)
+    s1, _ = step(state, b1, task.frozen)
     h2 = hits_of(vae_cfg, s1["params"], b2["image"])
-    s2, m2 = step(s1, b2)
+    s2, m2 = step(s1, b2, task.frozen)
     want = u * ((1 - u) * h1) + (1 - u) * h2
     np.testing.assert_allclose(np.asarray(s2["usage_SV"]), want, rtol=1e-6)
     margin = tt.usage_margin(cfg.batch_size, vae_cfg)
@@ -157,47 +150,40 @@ def test_dead_code_reinit_uses_batch_features():
     np.testing.assert_array_equal(again, new)  # deterministic given the rng
 
 
-def test_init_from_must_match_architecture():
+def test_init_from_must_match_architecture(tmp_path):
     cfg = tiny_cfg()
-    loaded = tt.vae_config_from(cfg)
+    loaded = tt.model_config(cfg)
+    model_dir.write_manifest(tmp_path, model_dir.manifest("vq", loaded, {"dir": "vae"}))  # only the manifest is read
+    cfg.init_from = str(tmp_path)
     cfg.vae.dropout = 0.1
-    assert tt.finetune_config(cfg, loaded).dropout == 0.1
+    assert tt.model_config(cfg).dropout == 0.1
     cfg.vae.vocab_size = 128
     with pytest.raises(ValueError, match="config.vae.vocab_size"):
-        tt.finetune_config(cfg, loaded)
+        tt.model_config(cfg)
+    cfg.init_from = ""
+    cfg.require_init_from = True
+    with pytest.raises(ValueError, match="config.init_from is empty"):
+        tt.model_config(cfg)
 
 
-def test_end_to_end_checkpoint_feeds_tokenize_and_var_training(tmp_path):
-    from varjax.ckpt import load_model_dir
-    from varjax.train import var_trainer
-
-    data_dir = os.environ.get("VARJAX_TEST_TFDS", str(tmp_path / "tfds"))
-    cfg = load_config("tokenizer_shapes", "runlocal")
-    cfg.data.data_dir = data_dir
-    cfg.total_steps = 2
-    cfg.ckpt_every = 2
-    cfg.eval_every = 2
-    cfg.image_every = 2
-    cfg.async_ckpt = False
+def test_end_to_end_checkpoint_feeds_tokenize_and_var_training(shapes_data, tmp_path):
+    cfg = _tiny.load("tokenizer_shapes:runlocal", total_steps=2, ckpt_every=2, eval_every=2, image_every=2,
+                     async_ckpt=False)
     wd = str(tmp_path / "tok")
-    last = tt.train(cfg, wd)
+    last = train.train(config.resolve(cfg), wd)
     assert np.isfinite(last["loss"]) and "val_psnr" in last and "usage_s0" in last
-    rows = metrics.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    rows = metrics.read_jsonl(str(Path(wd) / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2]
     assert (Path(wd) / "checkpoints" / "2").is_dir()
-    meta = json.loads((Path(wd) / "varjax_model.json").read_text())
-    assert meta["vae"]["params"]["subtree"] == ["ema_params"] and meta["var"] is None
+    man = json.loads((Path(wd) / "varjax_model.json").read_text())
+    assert man["family"] == "vq" and man["vae"]["params"]["subtree"] == ["ema_params"] and "var" not in man
 
-    tok = load_model_dir(wd)
-    assert tok.vae_cfg == tt.vae_config_from(cfg)
+    tok = model_dir.load_model_dir(wd)
+    assert tok.family == "vq" and not tok.is_generator and tok.tok_cfg == tt.model_config(cfg)
     img = batch_of(n=2, side=32)["image"]
-    rec = VQVAE(tok.vae_cfg).apply({"params": tok.vae_params}, img, method=VQVAE.img_to_recon)
+    rec = VQVAE(tok.tok_cfg).apply({"params": tok.tok_params}, img, method=VQVAE.img_to_recon)
     assert rec.shape == img.shape and bool(jnp.all(jnp.isfinite(rec)))
 
-    vcfg = load_config("var_shapes", "runlocal")
-    vcfg.tokenizer_dir = wd
-    vcfg.data.data_dir = data_dir
-    vcfg.total_steps = 2
-    vcfg.async_ckpt = False
-    out = var_trainer.train(vcfg, str(tmp_path / "var"))
+    vcfg = _tiny.var_config(wd, total_steps=2)
+    out = train.train(config.resolve(vcfg), str(tmp_path / "var"))
     assert np.isfinite(out["loss"])

@@ -1,4 +1,4 @@
-"""Tests for varjax.torch_io: torch checkpoints (zip and legacy formats) and safetensors, read without torch
+"""Tests for varjax.interop.torch_io: torch checkpoints (zip and legacy formats) and safetensors, read without torch
 and without running code.
 
 Malformed and hostile checkpoints are built from hand-written protocol-2 pickle opcodes, so the reader is
@@ -19,7 +19,7 @@ import pytest
 import safetensors.numpy
 
 from tests.conftest import GOLDEN
-from varjax.torch_io import (
+from varjax.interop.torch_io import (
     TorchCheckpoint,
     UnsafeCheckpointError,
     load_state_dict,

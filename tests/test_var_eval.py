@@ -10,7 +10,7 @@ import pytest
 
 from varjax.models.var import VAR, VARConfig
 from varjax.models.vqvae import VQVAE, VQVAEConfig
-from varjax.train.var_trainer import eval_label_drop, make_eval_fn
+from varjax.tasks.var import eval_label_drop, make_eval_fn
 
 PNS = (1, 2, 4)
 NCLS = 5
@@ -65,9 +65,9 @@ def reference_stats(vae_cfg, vae_params, var_cfg, var_params, batches, labels_pe
 
 def test_eval_drops_labels_like_the_reference_with_a_fixed_key(models):
     vae_cfg, vae_params, var_cfg, var_params, batches = models
-    evaluate = make_eval_fn(vae_cfg, vae_params, var_cfg, seed=7)
-    got = evaluate(var_params, batches)
-    again = evaluate(var_params, batches)
+    evaluate = make_eval_fn(vae_cfg, var_cfg, seed=7)
+    got = evaluate(var_params, vae_params, batches)
+    again = evaluate(var_params, vae_params, batches)
     assert got == again  # deterministic
 
     # the reference: label_B = where(rand(B) < cond_drop_rate, num_classes, label_B), here with fixed draws
@@ -87,10 +87,10 @@ def test_eval_drops_labels_like_the_reference_with_a_fixed_key(models):
 
 def test_drop_rate_bounds(models):
     vae_cfg, vae_params, var_cfg, var_params, batches = models
-    none = make_eval_fn(vae_cfg, vae_params, dataclasses.replace(var_cfg, cond_drop_rate=0.0))(var_params, batches)
+    none = make_eval_fn(vae_cfg, dataclasses.replace(var_cfg, cond_drop_rate=0.0))(var_params, vae_params, batches)
     for k in ("L_mean", "L_tail", "acc_mean", "acc_tail"):
         assert none[k] == none[f"{k}_nodrop"]
-    every = make_eval_fn(vae_cfg, vae_params, dataclasses.replace(var_cfg, cond_drop_rate=1.0))(var_params, batches)
+    every = make_eval_fn(vae_cfg, dataclasses.replace(var_cfg, cond_drop_rate=1.0))(var_params, vae_params, batches)
     null = [np.full_like(b["label"], NCLS) for b in batches]
     want = reference_stats(vae_cfg, vae_params, var_cfg, var_params, batches, null)
     np.testing.assert_allclose(every["L_mean"], want["L_mean"], rtol=1e-5)

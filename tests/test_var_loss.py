@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from varjax.train.var_trainer import hit_rates, smoothed_cross_entropy, token_loss
+from varjax.losses import hit_rates, smoothed_cross_entropy, token_loss
 
 B, L, V = 3, 14, 37
 

@@ -1,8 +1,5 @@
 """VAR trainer: official recipe configs, overfitting, exact resume after restarts, SIGKILL and SIGTERM."""
 
-import importlib.util
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import _tiny
+from varjax import config, tasks, train
 from varjax.models.var import VAR
-from varjax.models.vqvae import VQVAE, VQVAEConfig
+from varjax.models.vqvae import VQVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,51 +24,7 @@ PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 
 def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory):
-    from varjax.ckpt import save_model_dir
-
-    d = tmp_path_factory.mktemp("tok") / "tok"
-    cfg = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
-                      using_mid_sa=False, patch_nums=(1, 2, 4, 8), num_groups=8)
-    params = VQVAE(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
-    save_model_dir(str(d), cfg, params)
-    return str(d)
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def shapes_cfg(tok, data_dir, **over):
-    c = load_config("var_shapes", "runlocal")
-    c.tokenizer_dir = tok
-    c.data.data_dir = data_dir
-    c.async_ckpt = False
-    c.progress_every_s = 1e9
-    for k, v in over.items():
-        node, *path = k.split(".")
-        target = c
-        for p in [node, *path][:-1]:
-            target = target[p]
-        target[[node, *path][-1]] = v
-    return c
-
-
-def read_losses(workdir):
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            out[r["step"]] = r["loss"]
-    return out
+    return config.load(f"{name}:{arg}" if arg else name)
 
 
 # ---------------------------------------------------------------- official recipes
@@ -108,11 +63,9 @@ def test_official_recipe_hparams(depth):
 
 @pytest.mark.parametrize("depth", sorted(OFFICIAL_COUNTS))
 def test_official_param_counts(depth):
-    from varjax.train.var_trainer import var_config_from
-
     c = load_config(f"var_d{depth}")
     vae_cfg = VQVAEConfig(patch_nums=PATCH_NUMS_512 if depth == 36 else PATCH_NUMS_256)
-    mcfg = var_config_from(c, vae_cfg, 1000)
+    mcfg = tasks.var.model_config(c, 1000, vae_cfg)
     assert (mcfg.embed_dim, mcfg.num_heads) == (64 * depth, depth)
     lab = jnp.zeros((1,), jnp.int32)
     x = jnp.zeros((1, mcfg.L - mcfg.first_l, mcfg.Cvae), jnp.float32)
@@ -128,24 +81,22 @@ def test_official_param_counts(depth):
 # ---------------------------------------------------------------- overfit one batch
 
 
-def test_overfits_one_batch(tiny_tokenizer, data_dir):
-    from varjax.ckpt import load_model_dir
-    from varjax.train import loop, sharding, var_trainer
+def test_overfits_one_batch(vq_dir, shapes_data):
+    from varjax.core import mesh as mesh_lib
+    from varjax.data import sources
 
-    cfg = shapes_cfg(tiny_tokenizer, data_dir, total_steps=100, tblr=3e-3 * 256 / 8)
-    cfg.opt.wpe = 1.0  # keep the lr high to the end
+    cfg = _tiny.var_config(vq_dir, total_steps=100, tblr=3e-3 * 256 / 8, opt__wpe=1.0)  # the lr stays high
     cfg.model.cond_drop_rate = 0.0
-    tok = load_model_dir(cfg.tokenizer_dir)
-    setup = loop.prepare(cfg, str(Path(data_dir).parent / "overfit_wd"), tok.vae_cfg.image_size)
-    mcfg = var_trainer.var_config_from(cfg, tok.vae_cfg, 8)
-    task = var_trainer.build_task(setup, tok.vae_cfg, tok.vae_params, mcfg, jnp.float32)
-    state, _ = sharding.create_sharded_state(task.init_fn, setup.mesh, setup.rules, jax.random.PRNGKey(0))
-    local = next(setup.train_iter)
-    batch = sharding.make_global_batch({k: local[k] for k in ("image", "label")}, setup.mesh)
+    plan, mesh, task = _tiny.build(cfg, jax.devices()[:1])
+    it = sources.train_iterator(plan.data, global_batch_size=8, process_index=0, process_count=1, seed=0)
+    local = next(it)
+    assert local["image"].shape == (8, 32, 32, 3)  # images, encoded by the frozen tokenizer in the step
+    batch = mesh_lib.make_global_batch({k: local[k] for k in ("image", "label")}, mesh)
+    state, _ = mesh_lib.create_sharded_state(task.init_fn, mesh, plan.rules, jax.random.PRNGKey(0))
     step = jax.jit(task.step_fn, donate_argnums=0)
     losses = []
     for _ in range(100):
-        state, m = step(state, batch)
+        state, m = step(state, batch, task.frozen)
         losses.append(float(m["loss"]))
     assert np.all(np.isfinite(losses))
     assert min(losses[-5:]) < 0.5 * losses[0], (losses[0], losses[-5:])
@@ -153,29 +104,34 @@ def test_overfits_one_batch(tiny_tokenizer, data_dir):
 
 # ---------------------------------------------------------------- resume
 
-N_STEPS, CKPT_EVERY = 12, 2
+N_STEPS, CKPT_EVERY = 8, 2
 CONST = {"opt.wpe": 1.0, "opt.warmup_fraction": 0.0}  # lr/wd independent of total_steps
 CONST_FLAGS = ["--config.opt.wpe=1.0", "--config.opt.warmup_fraction=0.0"]
 
 
+def shapes_cfg(tok, **over):
+    return _tiny.set_fields(_tiny.var_config(tok, log_every=1, ckpt_every=CKPT_EVERY), **CONST, **over)
+
+
+def run(cfg, workdir):
+    return train.train(config.resolve(cfg), str(workdir))
+
+
 @pytest.fixture(scope="module")
-def reference_losses(tiny_tokenizer, data_dir, tmp_path_factory):
+def reference_losses(vq_dir, shapes_data, tmp_path_factory):
     """Losses of an uninterrupted run of N_STEPS steps."""
-    from varjax.train.var_trainer import train
-
-    wd = str(tmp_path_factory.mktemp("reference"))
-    train(shapes_cfg(tiny_tokenizer, data_dir, total_steps=N_STEPS, ckpt_every=CKPT_EVERY, **CONST), wd)
-    return read_losses(wd)
+    wd = tmp_path_factory.mktemp("reference")
+    run(shapes_cfg(vq_dir, total_steps=N_STEPS), wd)
+    return _tiny.read_losses(wd)
 
 
-def test_resume_matches_uninterrupted(tiny_tokenizer, data_dir, tmp_path, reference_losses):
-    from varjax.train.var_trainer import train
-
+def test_resume_matches_uninterrupted(vq_dir, tmp_path, reference_losses, capsys):
     k = 4
-    part = str(tmp_path / "part")
-    train(shapes_cfg(tiny_tokenizer, data_dir, total_steps=k, ckpt_every=CKPT_EVERY, **CONST), part)
-    train(shapes_cfg(tiny_tokenizer, data_dir, total_steps=N_STEPS, ckpt_every=CKPT_EVERY, **CONST), part)
-    got = read_losses(part)
+    part = tmp_path / "part"
+    run(shapes_cfg(vq_dir, total_steps=k), part)
+    run(shapes_cfg(vq_dir, total_steps=N_STEPS), part)
+    assert f"resumed from step {k} in {part}" in capsys.readouterr().out
+    got = _tiny.read_losses(part)
     assert sorted(got) == sorted(reference_losses) == list(range(1, N_STEPS + 1))
     for s in range(1, N_STEPS + 1):
         assert got[s] == pytest.approx(reference_losses[s], abs=1e-6), s
@@ -187,11 +143,7 @@ def _cli(tok, workdir, *extra):
             "--config.async_ckpt=False", "--config.progress_every_s=1000000.0", *extra]
 
 
-def _env(data_dir):
-    return {**os.environ, "TFDS_DATA_DIR": data_dir}
-
-
-def _wait_for(pred, proc, timeout=120.0):
+def _wait_for(pred, proc, timeout=300.0):
     t0 = time.time()
     while not pred():
         if proc.poll() is not None:
@@ -208,16 +160,17 @@ def _finalized(workdir, step):
     return d.is_dir() and (d / "state").is_dir() and (d / "meta").is_dir()
 
 
-def test_sigkill_then_resume(tiny_tokenizer, data_dir, tmp_path, reference_losses):
-    from varjax.train.checkpointing import Checkpointer
+def test_sigkill_then_resume(vq_dir, tmp_path, reference_losses):
+    from varjax.core.checkpoint import Checkpointer
 
     # The killed run starts with a huge step budget so it is surely killed mid-run; with a constant lr/wd
     # schedule its steps are the reference run's steps.
     n, k, const_flags = N_STEPS, CKPT_EVERY, CONST_FLAGS
     wd = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(tiny_tokenizer, wd, "--config.total_steps=100000", f"--config.ckpt_every={k}",
+    proc = subprocess.Popen(_cli(vq_dir, wd, "--config.total_steps=100000", f"--config.ckpt_every={k}",
                                  *const_flags),
-                            env=_env(data_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=_tiny.subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         _wait_for(lambda: _finalized(wd, k), proc)
     finally:
@@ -227,37 +180,36 @@ def test_sigkill_then_resume(tiny_tokenizer, data_dir, tmp_path, reference_losse
     latest = Checkpointer(str(wd)).latest_step()
     assert latest is not None and k <= latest < n, latest
 
-    res = subprocess.run(_cli(tiny_tokenizer, wd, f"--config.total_steps={n}", f"--config.ckpt_every={k}",
-                              *const_flags),
-                         env=_env(data_dir), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(_cli(vq_dir, wd, f"--config.total_steps={n}", f"--config.ckpt_every={k}", *const_flags),
+                         env=_tiny.subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resumed from step {latest}" in res.stdout
-    a, b = reference_losses, read_losses(str(wd))
+    a, b = reference_losses, _tiny.read_losses(wd)
     assert sorted(b) == list(range(1, n + 1))
     for s in range(1, n + 1):
         assert b[s] == pytest.approx(a[s], abs=1e-6), s
 
 
-def test_sigterm_saves_and_exits_cleanly(tiny_tokenizer, data_dir, tmp_path):
-    from varjax.train.checkpointing import Checkpointer
+def test_sigterm_saves_and_exits_cleanly(vq_dir, shapes_data, tmp_path):
+    from varjax.core.checkpoint import Checkpointer
 
     wd = tmp_path / "term"
-    args = _cli(tiny_tokenizer, wd, "--config.total_steps=100000", "--config.ckpt_every=100000")
-    proc = subprocess.Popen(args, env=_env(data_dir), cwd=ROOT, stdout=subprocess.PIPE,
+    args = _cli(vq_dir, wd, "--config.total_steps=100000", "--config.ckpt_every=100000")
+    proc = subprocess.Popen(args, env=_tiny.subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = wd / "metrics.jsonl"
     _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "preemption signal" in out
-    last_logged = max(read_losses(str(wd)))
+    last_logged = max(_tiny.read_losses(wd))
     assert Checkpointer(str(wd)).latest_step() == last_logged
     assert last_logged < 100000
 
 
 def test_progressive_stages_follow_the_reference_schedule():
-    from varjax.train.var_trainer import prog_stage, prog_warmup
+    from varjax.tasks.var import prog_stage, prog_warmup
 
     kw = dict(pg=0.5, pg0=1, wp_it=10, max_it=100, num_scales=6)
     stages = [prog_stage(s, **kw) for s in range(100)]

@@ -1,8 +1,6 @@
 """VAR trainer across devices and processes: a sharded step equals the unsharded one, batch checks, and a
 two-process CPU run reproduces the single-process losses."""
 
-import json
-import os
 import socket
 import subprocess
 import sys
@@ -10,27 +8,22 @@ from pathlib import Path
 
 import chex
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from varjax.configs import common
 
-from varjax.models.vqvae import VQVAE, VQVAEConfig
-from varjax.train import loop, sharding, var_trainer
-from varjax.train.config_base import var_run
+from tests import _tiny
+from varjax import config, tasks, train
+from varjax.core import mesh as sharding
 
 ROOT = Path(__file__).resolve().parents[1]
-VAE_CFG = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
-                      using_mid_sa=False, patch_nums=(1, 2, 4, 8), num_groups=8)
+VAE_CFG = _tiny.vq_cfg()
 
 
-@pytest.fixture(scope="module")
-def vae_params():
-    return VQVAE(VAE_CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
-
-
-def tiny_cfg(batch_size=8) -> ml_collections.ConfigDict:
-    c = var_run(2)
+def tiny_cfg(tok, batch_size=8) -> ml_collections.ConfigDict:
+    c = common.var(2)
+    c.tokenizer_dir = tok
     c.model.embed_dim, c.model.num_heads, c.model.dtype = 32, 2, "float32"
     c.model.drop_path_rate, c.model.cond_drop_rate = 0.0, 0.0
     c.batch_size = batch_size
@@ -39,40 +32,42 @@ def tiny_cfg(batch_size=8) -> ml_collections.ConfigDict:
     return c
 
 
-def one_step(cfg, mesh, vae_params, batch):
-    setup = loop.Setup(cfg, "/nonexistent", mesh, sharding.normalize_rules(cfg.rules), None, 10, 10, True)
-    mcfg = var_trainer.var_config_from(cfg, VAE_CFG, 10)
-    task = var_trainer.build_task(setup, VAE_CFG, vae_params, mcfg, jnp.float32)
-    state, shardings = sharding.create_sharded_state(task.init_fn, mesh, setup.rules, jax.random.PRNGKey(0))
-    step = jax.jit(task.step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(shardings, sharding.replicated_sharding(mesh)))
-    state, m = step(state, sharding.make_global_batch(batch, mesh))
+def one_step(cfg, devices, batch):
+    plan = _tiny.plan_without_data(cfg, num_devices=len(devices))
+    mesh = sharding.create_mesh(plan.mesh, devices=devices)
+    task = tasks.var.build(plan, mesh)
+    state, shardings = sharding.create_sharded_state(task.init_fn, mesh, plan.rules, jax.random.PRNGKey(0))
+    step = train.jit_train_step(task.step_fn, shardings, mesh)
+    with sharding.mesh_rules(mesh, plan.rules):
+        state, m = step(state, sharding.make_global_batch(batch, mesh), task.frozen)
     return jax.device_get(state["params"]), {k: float(v) for k, v in jax.device_get(m).items()}
 
 
-def test_sharded_step_matches_single_device(vae_params):
+def test_sharded_step_matches_single_device(vq_dir):
     jax.config.update("jax_threefry_partitionable", True)
     assert jax.device_count() >= 8, "tests/conftest.py provides 8 virtual CPU devices"
     rng = np.random.default_rng(0)
     L = sum(p * p for p in VAE_CFG.patch_nums)
     batch = {"tokens": rng.integers(0, VAE_CFG.vocab_size, (8, L)).astype(np.int32),
-             "label": rng.integers(0, 10, (8,)).astype(np.int32)}
-    cfg = tiny_cfg()
-    one = sharding.create_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)], devices=jax.devices()[:1])
-    big = sharding.create_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)], devices=jax.devices()[:8])
-    p1, m1 = one_step(cfg, one, vae_params, batch)
-    p8, m8 = one_step(cfg, big, vae_params, batch)
+             "label": rng.integers(0, _tiny.NUM_CLASSES, (8,)).astype(np.int32)}
+    one = tiny_cfg(vq_dir)
+    one.mesh = [("data", 1), ("fsdp", 1), ("tensor", 1)]
+    big = tiny_cfg(vq_dir)
+    big.mesh = [("data", 2), ("fsdp", 2), ("tensor", 2)]
+    p1, m1 = one_step(one, jax.devices()[:1], batch)
+    p8, m8 = one_step(big, jax.devices()[:8], batch)
     assert np.isfinite(m1["loss"])
     for k in ("loss", "grad_norm", "param_norm", "train_acc_mean"):
         assert m8[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-5), k
     chex.assert_trees_all_close(p8, p1, atol=1e-5, rtol=1e-5)
 
 
-def test_indivisible_batch_raises(tmp_path):
-    cfg = tiny_cfg(batch_size=6)
+def test_indivisible_batch_raises(vq_dir, tokens_cache):
+    cfg = tiny_cfg(vq_dir, batch_size=6)
+    cfg.data.tokens_cache = tokens_cache
     cfg.mesh = [("data", 2), ("fsdp", 2), ("tensor", 2)]
     with pytest.raises(ValueError, match=r"config\.batch_size"):
-        loop.prepare(cfg, str(tmp_path / "w"), 32)
+        config.resolve(cfg)
 
 
 # ---------------------------------------------------------------- two processes
@@ -84,30 +79,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
-
-
-def test_two_processes_match_single_process(tmp_path):
-    from varjax.ckpt import save_model_dir
-
-    tok = tmp_path / "tok"
-    params = VQVAE(VAE_CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
-    save_model_dir(str(tok), VAE_CFG, params)
+def test_two_processes_match_single_process(vq_dir, shapes_data, tmp_path):
+    tok = vq_dir
     steps = 3
     common = ["--config", str(ROOT / "configs" / "var_shapes.py") + ":runlocal", f"--config.tokenizer_dir={tok}",
               f"--config.total_steps={steps}", "--config.log_every=1", f"--config.ckpt_every={steps}",
               "--config.async_ckpt=False", "--config.model.cond_drop_rate=0.0",
               # two data shards in both runs, so the global batches do not depend on the process count
               "--config.data.num_shards=2"]
-    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds"), "JAX_PLATFORMS": "cpu"}
+    env = _tiny.subprocess_env(JAX_PLATFORMS="cpu")
     worker = str(ROOT / "tests" / "_two_process_worker.py")
 
     # the reference: one process with two devices (same global mesh shape: data=2)
     single = tmp_path / "single"
     res = subprocess.run([sys.executable, worker, *common, "--workdir", str(single)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=240, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                         text=True, timeout=600, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     port = _free_port()
@@ -123,14 +109,14 @@ def test_two_processes_match_single_process(tmp_path):
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=240)[0])
+            outs.append(p.communicate(timeout=600)[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-4000:]
-    a, b = _losses(single), _losses(multi)
+    a, b = _tiny.read_losses(single), _tiny.read_losses(multi)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))  # one metrics line per step: only process 0 writes
     assert all(np.isfinite(v) for v in b.values())
     for step in a:

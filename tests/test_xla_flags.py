@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from varjax.xla_flags import YNN_DOT, YNN_OPTION, conv_compiler_options, conv_options_for
+from varjax.core.xla_flags import YNN_DOT, YNN_OPTION, conv_compiler_options, conv_options_for
 
 
 def test_only_for_cpu_and_a_jaxlib_that_knows_the_option():
