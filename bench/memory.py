@@ -4,8 +4,8 @@
         [--only step,search] [--cap-gib 16] --json memory.json
 
 ``step``: the peak resident memory (RSS) of the whole process for one d8 training step at batch 16 (from token
-ids, float32, the same step as bench/side_by_side.py's ``train``: varjax with scanned blocks and remat ``dots``)
-and for sampling at batch 8 (cfg 1.5, top-k 900, top-p 0.96, the released-shape VQVAE decode included), varjax and
+ids, float32, the same step as bench/side_by_side.py's ``train``: varjax with scanned blocks and each remat policy
+of ``--step-remat``, by default ``dots``, the faster on a CPU, and ``full``, the smaller) and for sampling at batch 8 (cfg 1.5, top-k 900, top-p 0.96, the released-shape VQVAE decode included), varjax and
 official alternating, each in its own process. Each process also says what its memory holds: the RSS once the
 models exist, XLA's buffer plan of the step (arguments: parameters, optimizer state, the frozen tokenizer, the
 batch; temporaries: activations and gradients) for varjax, and for the official code the bytes of its parameters,
@@ -200,16 +200,23 @@ def _wait_for_room(need: int, patience_s: float) -> bool:
 
 
 def compare_step(a, env: dict, logdir: str) -> dict:
-    """d8 training step at batch 16 and sampling at batch 8: varjax and official, alternating."""
+    """d8 training step at batch 16 (varjax with each of ``--step-remat``) and sampling at batch 8: varjax and
+    official, alternating."""
     out = {}
     for what, batch in (("train", 16), ("sample", 8)):
-        v = run_json(_varjax(a, what, 8, batch, 1), env, None, a.timeout, os.path.join(logdir, f"varjax_{what}.log"))
-        o = run_json(_official(a, what, 8, batch, 1, breakdown=what == "train"), env, None, a.timeout,
-                     os.path.join(logdir, f"official_{what}.log"))
-        ratio = v["peak_rss_bytes"] / o["peak_rss_bytes"] if o.get("peak_rss_bytes") else None
-        out[what] = {"batch_size": batch, "varjax": v, "official": o, "ratio": ratio}
-        print(f"[memory] d8 {what} batch {batch}: varjax {v['peak_rss_bytes'] / GIB:.2f} GiB, official "
-              f"{o['peak_rss_bytes'] / GIB:.2f} GiB, ratio {ratio:.2f}", flush=True)
+        o = None
+        for remat in a.step_remat.split(",") if what == "train" else [""]:
+            v = run_json(_varjax(a, what, 8, batch, 1, remat or "dots"), env, None, a.timeout,
+                         os.path.join(logdir, f"varjax_{what}{remat}.log"))
+            if o is None:
+                o = run_json(_official(a, what, 8, batch, 1, breakdown=what == "train"), env, None, a.timeout,
+                             os.path.join(logdir, f"official_{what}.log"))
+            ratio = v["peak_rss_bytes"] / o["peak_rss_bytes"] if o.get("peak_rss_bytes") else None
+            key = f"{what}_{remat}" if remat else what
+            out[key] = {"batch_size": batch, "remat": remat or None, "varjax": v, "official": o, "ratio": ratio}
+            print(f"[memory] d8 {what} batch {batch}{' remat ' + remat if remat else ''}: varjax "
+                  f"{v['peak_rss_bytes'] / GIB:.2f} GiB, official {o['peak_rss_bytes'] / GIB:.2f} GiB, ratio "
+                  f"{ratio:.2f}", flush=True)
     return out
 
 
@@ -244,6 +251,7 @@ def main(argv=None) -> dict:
     p.add_argument("--torch-python", help="python of a virtualenv with torch")
     p.add_argument("--python", default=sys.executable, help="python of varjax's environment")
     p.add_argument("--only", default="step,search", help="comma-separated subset of step,search")
+    p.add_argument("--step-remat", default="dots,full", help="varjax remat policies of the d8 step, comma-separated")
     p.add_argument("--search-remat", default="dots", help="varjax remat policies to search with, comma-separated")
     p.add_argument("--cap-gib", type=float, default=16.0)
     p.add_argument("--max-batch", type=int, default=256)
