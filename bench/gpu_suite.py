@@ -78,7 +78,8 @@ class Shapes:
     def official_args(self, smoke: bool) -> list[str]:
         """The same models for bench/official_bench.py (one CPU thread in the smoke run: torch's thread pool
         stalls when the machine's cores are busy)."""
-        return (["--threads", "1"] if smoke else []) + ["--depth", str(self.depth), "--patch-nums", ",".join(map(str, self.patch_nums)), "--vocab",
+        return (["--threads", "1"] if smoke else []) + [
+                "--depth", str(self.depth), "--patch-nums", ",".join(map(str, self.patch_nums)), "--vocab",
                 str(self.vocab), "--cvae", str(self.cvae), "--vae-ch", str(self.vae_ch), "--num-classes",
                 str(self.num_classes), "--top-k", str(self.top_k), "--top-p", "0.96", "--cfg", "1.5"]
 

@@ -5,10 +5,11 @@
 
 ``step``: the peak resident memory (RSS) of the whole process for one d8 training step at batch 16 (from token
 ids, float32, the same step as bench/side_by_side.py's ``train``: varjax with scanned blocks and each remat policy
-of ``--step-remat``, by default ``dots``, the faster on a CPU, and ``full``, the smaller) and for sampling at batch 8 (cfg 1.5, top-k 900, top-p 0.96, the released-shape VQVAE decode included), varjax and
-official alternating, each in its own process. Each process also says what its memory holds: the RSS once the
-models exist, XLA's buffer plan of the step (arguments: parameters, optimizer state, the frozen tokenizer, the
-batch; temporaries: activations and gradients) for varjax, and for the official code the bytes of its parameters,
+of ``--step-remat``, by default ``dots``, the faster on a CPU, and ``full``, the smaller) and for sampling at
+batch 8 (cfg 1.5, top-k 900, top-p 0.96, the released-shape VQVAE decode included), varjax and official
+alternating, each in its own process. Each process also says what its memory holds: the RSS once the models
+exist, XLA's buffer plan of the step (arguments: parameters, optimizer state, the frozen tokenizer, the batch;
+temporaries: activations and gradients) for varjax, and for the official code the bytes of its parameters,
 gradients, AdamW state and the tensors autograd saves for the backward pass.
 
 ``search``: the largest d16 training batch (float32) each fits in ``--cap-gib`` of memory, by doubling from
