@@ -130,6 +130,18 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def device_memory() -> dict:
     """The device allocator's counters (``jax.Device.memory_stats``; None on backends without them), and the
     process's peak resident memory."""
@@ -475,12 +487,14 @@ class TrainProgram:
         self.batches = [mesh_lib.make_global_batch(
             {"tokens": rng.integers(0, sh.vocab, (batch, plan.model.L), dtype=np.int32),
              "label": rng.integers(0, sh.num_classes, (batch,), dtype=np.int32)}, mesh) for _ in range(2)]
+        self.rss_before_compile = current_rss_bytes()
         t0 = time.perf_counter()
         with mesh_lib.mesh_rules(mesh, plan.rules):
             lowered = jit_train_step(step_fn, shardings, mesh, task.conv_bound).lower(self.state, self.batches[0],
                                                                                      self.frozen)
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
+        self.rss_after_compile = current_rss_bytes()
         if prev is not None:
             prev.state = None  # donated to this program's steps from now on
         self.model, self.batch, self.remat, self.dtype = plan.model, batch, remat, dtype

@@ -22,6 +22,8 @@ as not run. Peak RSS comes from the kernel (``wait4``'s ``ru_maxrss`` of the fin
 Workers (run by the above; any of them alone prints its JSON):
     python bench/memory.py varjax-train --depth 8 --batch 16 --remat dots --steps 1 --json F
     python bench/memory.py varjax-sample --depth 8 --batch 8 --json F
+and XLA's buffer plan of the d16 step (compiled, not run) per remat policy and batch:
+    python bench/memory.py plan --depth 16 --remat none,dots,full --batches 8,32 --json F
 """
 
 from __future__ import annotations
@@ -138,9 +140,9 @@ def worker_varjax_train(a) -> dict:
     gs, sh = _shapes(a.depth)
     t0 = time.time()
     prog = gs.TrainProgram(sh, a.batch, a.remat, dtype=a.dtype)
-    rss_built = current_rss()
     res = {"impl": "varjax", "what": "train", "depth": a.depth, "batch_size": a.batch, "remat": a.remat,
-           "dtype": a.dtype, "scan_layers": True, "compile_s": prog.compile_s, "rss_after_build_bytes": rss_built,
+           "dtype": a.dtype, "scan_layers": True, "compile_s": prog.compile_s,
+           "rss_before_compile_bytes": prog.rss_before_compile, "rss_after_build_bytes": prog.rss_after_compile,
            "program_memory": gs.program_memory(prog.compiled)}
     times = []
     for _ in range(1 + a.steps):
@@ -149,6 +151,48 @@ def worker_varjax_train(a) -> dict:
         times.append(time.time() - t1)
     res.update(times_s=times, wall_s=time.time() - t0, peak_rss_bytes=gs.peak_rss_bytes())
     return res
+
+
+def worker_plan(a) -> dict:
+    """XLA's buffer plan of the d16 training step for each remat policy and batch, compiled for this CPU without
+    running it (no state allocated): how its device memory grows with the batch."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from varjax import config, tasks
+    from varjax.core import mesh as mesh_lib
+    from varjax.data.sources import DataPlan
+    from varjax.train import jit_train_step, with_ema
+
+    gs, sh = _shapes(a.depth)
+    rows = []
+    for remat in a.remat.split(","):
+        for batch in (int(b) for b in a.batches.split(",")):
+            cfg = gs.configs_common().var(sh.depth)
+            cfg.batch_size, cfg.total_steps = batch, 1000
+            cfg.model.update(num_classes=sh.num_classes, scan_layers=True, remat=remat, dtype=a.dtype)
+            tok = gs.vae_config(sh)
+            data = DataPlan(source="tokens", cache=None, num_shards=1, steps_per_epoch=1000,
+                            num_classes=sh.num_classes, image_size=tok.image_size, config=cfg.data)
+            plan = config.resolve(cfg, num_devices=1, process_count=1, tokenizer=(None, tok), data=data)
+            mesh = mesh_lib.create_mesh(plan.mesh)
+            task = tasks.get("var").build(plan, mesh, abstract=True)
+            init_fn, step_fn = with_ema(task.init_fn, task.step_fn, plan.ema_decay)
+            state = mesh_lib.abstract_sharded_state(init_fn, mesh, plan.rules, jax.random.PRNGKey(0))
+            shardings = jax.tree.map(lambda x: x.sharding, state)
+            batch_ = {"tokens": jax.ShapeDtypeStruct((batch, plan.model.L), jnp.int32),
+                      "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+            t0 = time.time()
+            with mesh_lib.mesh_rules(mesh, plan.rules):
+                compiled = jit_train_step(step_fn, shardings, mesh).lower(state, batch_, task.frozen).compile()
+            mem = gs.program_memory(compiled)
+            state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+            rows.append({"remat": remat, "batch_size": batch, "compile_s": time.time() - t0, "program_memory": mem,
+                         "state_bytes": state_bytes})
+            print(f"[plan] d{sh.depth} remat {remat} batch {batch}: arguments {mem['argument'] / GIB:.2f} GiB, "
+                  f"temporaries {mem['temp'] / GIB:.2f} GiB", flush=True)
+    return {"depth": sh.depth, "dtype": a.dtype, "rows": rows}
 
 
 def worker_varjax_sample(a) -> dict:
@@ -162,16 +206,21 @@ def worker_varjax_sample(a) -> dict:
     vae_cfg = gs.vae_config(sh)
     var_cfg = VARConfig.official(sh.depth, patch_nums=sh.patch_nums)
     var_params, vae_params = gs.random_var(var_cfg), gs.random_vqvae(vae_cfg)
-    rss_built = current_rss()
-    sampler = make_sampler(vae_cfg, var_cfg, SampleOptions(cfg=1.5, top_k=900, top_p=0.96, dtype=a.dtype))
+    rss_models = current_rss()
     labels = jnp.arange(a.batch, dtype=jnp.int32) % var_cfg.num_classes
+    args = (vae_params, var_params, labels, jax.random.PRNGKey(0))
+    t0 = time.time()
+    compiled = make_sampler(vae_cfg, var_cfg, SampleOptions(cfg=1.5, top_k=900, top_p=0.96, dtype=a.dtype)).lower(
+        *args).compile()
+    compile_s, rss_compiled = time.time() - t0, current_rss()
     times = []
     for _ in range(1 + a.steps):
         t1 = time.time()
-        jax.block_until_ready(sampler(vae_params, var_params, labels, jax.random.PRNGKey(0)))
+        jax.block_until_ready(compiled(*args))
         times.append(time.time() - t1)
     return {"impl": "varjax", "what": "sample", "depth": a.depth, "batch_size": a.batch, "dtype": a.dtype,
-            "rss_after_build_bytes": rss_built, "times_s": times, "peak_rss_bytes": gs.peak_rss_bytes()}
+            "rss_before_compile_bytes": rss_models, "rss_after_build_bytes": rss_compiled, "compile_s": compile_s,
+            "program_memory": gs.program_memory(compiled), "times_s": times, "peak_rss_bytes": gs.peak_rss_bytes()}
 
 
 # --------------------------------------------------------------------------------------------------- driver
@@ -247,7 +296,7 @@ def search(a, env: dict, logdir: str, impl: str, remat: str = "dots") -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", default="compare", choices=("compare", "varjax-train", "varjax-sample"))
+    p.add_argument("mode", nargs="?", default="compare", choices=("compare", "varjax-train", "varjax-sample", "plan"))
     p.add_argument("--var-repo", help="checkout of https://github.com/FoundationVision/VAR")
     p.add_argument("--torch-python", help="python of a virtualenv with torch")
     p.add_argument("--python", default=sys.executable, help="python of varjax's environment")
@@ -261,12 +310,14 @@ def main(argv=None) -> dict:
     p.add_argument("--depth", type=int, default=8, help="workers: model depth")
     p.add_argument("--batch", type=int, default=16, help="workers: batch")
     p.add_argument("--steps", type=int, default=1, help="workers: calls after the first")
-    p.add_argument("--remat", default="dots", help="varjax-train: remat policy")
+    p.add_argument("--remat", default="dots", help="varjax-train: remat policy (plan: comma-separated)")
+    p.add_argument("--batches", default="8,32", help="plan: batches, comma-separated")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.mode != "compare":
-        res = (worker_varjax_train if a.mode == "varjax-train" else worker_varjax_sample)(a)
+        res = {"varjax-train": worker_varjax_train, "varjax-sample": worker_varjax_sample, "plan": worker_plan}[
+            a.mode](a)
     else:
         if not (a.var_repo and a.torch_python):
             p.error("compare needs --var-repo and --torch-python")
