@@ -12,16 +12,79 @@ forward, cross-entropy averaged over tokens, backward, gradient clipping, AdamW 
 (CFG, top-k, top-p, the VQVAE decode included). ``--what decode``: ``fhat_to_img`` of a random f_hat.
 All float32 on CPU (or the official code's own bf16/fp16 autocast on CUDA with --dtype). Random weights:
 VAR with its own ``init_weights``, the VQVAE (whose builder skips initialisation) with N(0, 0.02) weights.
-Prints the same keys as the varjax benchmarks (``sample_time_s``, ``step_time_s``, ``images_per_s``).
+Prints the same keys as the varjax benchmarks (``sample_time_s``, ``step_time_s``, ``images_per_s``), and the
+memory: ``peak_rss_bytes`` (the whole process, from the OS), ``rss_after_build_bytes`` (once the models exist)
+and on CUDA ``peak_device_bytes`` (``torch.cuda.max_memory_allocated``). ``--steps 0`` runs the warm-up call
+only (a memory measurement). ``--patch-nums``, ``--vocab``, ``--cvae``, ``--vae-ch`` and ``--num-classes`` shrink
+the models for a smoke run (the width stays 64 * depth, as the official builder sets it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
+
+
+def current_rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_breakdown(var, vae, opt, forward) -> dict[str, int]:
+    """Bytes of what one training step holds: the VAR's parameters, their gradients, AdamW's state, the frozen
+    VQVAE, and the tensors autograd saves for the backward pass during ``forward()`` (storages counted once,
+    parameters themselves excluded)."""
+    import torch
+
+    def nbytes(ts) -> int:
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    params = {p.untyped_storage().data_ptr() for p in var.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    loss.backward()
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {
+        "var_params": nbytes(var.parameters()),
+        "var_grads": nbytes(p.grad for p in var.parameters()),
+        "adamw_state": nbytes(state),
+        "vqvae": nbytes(vae.parameters()) + nbytes(vae.buffers()),
+        "saved_for_backward": sum(saved.values()),
+    }
+
+
+def attention_path(var) -> str:
+    """Which attention the official blocks run: flash-attn or xFormers when importable, else torch's SDPA."""
+    attn = var.blocks[0].attn
+    if getattr(attn, "using_flash", False):
+        return "flash_attn (no mask: training without bias only), else SDPA"
+    if getattr(attn, "using_xform", False):
+        return "xformers memory_efficient_attention"
+    return "torch scaled_dot_product_attention with an additive mask"
 
 
 def op_category(name: str) -> str:
@@ -52,15 +115,25 @@ def main(argv=None) -> dict:
     p.add_argument("--what", choices=("train", "sample", "decode"), required=True)
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--resolution", type=int, default=256, choices=(256, 512))
+    p.add_argument("--patch-nums", default=None, help="scales, e.g. 1,2,3,4 (default: the resolution's schedule)")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--cvae", type=int, default=32)
+    p.add_argument("--vae-ch", type=int, default=160, help="VQVAE base channels (a multiple of 32)")
+    p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3, help="timed calls after one warm-up call")
+    p.add_argument("--steps", type=int, default=3, help="timed calls after one warm-up call (0: the warm-up only)")
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--top-k", type=int, default=900)
     p.add_argument("--top-p", type=float, default=0.96)
     p.add_argument("--dtype", default="float32", help="float32, or bfloat16/float16 autocast (CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--memory-breakdown", action="store_true",
+                   help="train: after the timed steps, count the bytes of parameters, gradients, AdamW state and "
+                   "the tensors saved for the backward pass")
     p.add_argument("--profile", action="store_true",
                    help="also run one call under torch.profiler and split its op time as bench/profile_train.py")
+    p.add_argument("--save-weights", default=None,
+                   help="write the random models as the release's files (DIR/vae.pth, DIR/var_d{depth}.pth) and stop")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
@@ -79,10 +152,16 @@ def main(argv=None) -> dict:
         torch.set_num_threads(a.threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pns = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) if a.resolution == 256 else (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+    if a.patch_nums:
+        pns = tuple(int(x) for x in a.patch_nums.split(","))
     torch.manual_seed(0)
     vae, var = build_vae_var(
         device=dev,
         patch_nums=pns,
+        V=a.vocab,
+        Cvae=a.cvae,
+        ch=a.vae_ch,
+        num_classes=a.num_classes,
         depth=a.depth,
         shared_aln=a.resolution == 512,
         flash_if_available=dev.type == "cuda",
@@ -93,7 +172,16 @@ def main(argv=None) -> dict:
             prm.normal_(0, 0.02)
     amp = a.dtype != "float32" and dev.type == "cuda"
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(a.dtype, torch.float32)
+    if a.save_weights:  # what `varjax convert` reads, as the release ships it
+        import os
+
+        os.makedirs(a.save_weights, exist_ok=True)
+        torch.save(vae.state_dict(), os.path.join(a.save_weights, "vae.pth"))
+        torch.save(var.state_dict(), os.path.join(a.save_weights, f"var_d{a.depth}.pth"))
+        print(f"wrote vae.pth and var_d{a.depth}.pth to {a.save_weights}")
+        return {"saved": a.save_weights}
     B, V, L = a.batch_size, vae.vocab_size, sum(pn * pn for pn in pns)
+    rss_after_build = current_rss_bytes()
 
     def sync():
         if dev.type == "cuda":
@@ -104,16 +192,19 @@ def main(argv=None) -> dict:
         opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
         gen = torch.Generator().manual_seed(0)
         idx = [torch.randint(0, V, (B, pn * pn), generator=gen).to(dev) for pn in pns]
-        label = torch.randint(0, 1000, (B,), generator=gen).to(dev)
+        label = torch.randint(0, a.num_classes, (B,), generator=gen).to(dev)
         gt_BL = torch.cat(idx, dim=1)
         loss_w = torch.full((1, L), 1.0 / L, device=dev)
         ce = torch.nn.CrossEntropyLoss(reduction="none")
 
-        def call():
+        def forward():
             x = vae.quantize.idxBl_to_var_input(idx)
             with torch.autocast(dev.type, enabled=amp, dtype=amp_dtype):
                 logits = var(label, x)
-                loss = ce(logits.view(-1, V).float(), gt_BL.view(-1)).view(B, -1).mul(loss_w).sum(-1).mean()
+                return ce(logits.view(-1, V).float(), gt_BL.view(-1)).view(B, -1).mul(loss_w).sum(-1).mean()
+
+        def call():
+            loss = forward()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
@@ -121,7 +212,7 @@ def main(argv=None) -> dict:
             return loss
     elif a.what == "sample":
         var.eval()
-        labels = torch.arange(B, device=dev) % 1000
+        labels = torch.arange(B, device=dev) % a.num_classes
 
         def call():
             with torch.inference_mode(), torch.autocast(dev.type, enabled=amp, dtype=amp_dtype):
@@ -145,7 +236,7 @@ def main(argv=None) -> dict:
         call()
         sync()
         times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+    med = statistics.median(times) if times else first
     key = "step_time_s" if a.what == "train" else "sample_time_s"
     res = {
         "impl": "official",
@@ -153,6 +244,9 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "depth": a.depth,
+        "patch_nums": list(pns),
+        "tokens_per_image": L,
+        "attention": attention_path(var),
         "batch_size": B,
         "dtype": a.dtype,
         "first_call_s": first,
@@ -162,6 +256,13 @@ def main(argv=None) -> dict:
     }
     if a.what == "train":
         res["tokens_per_s"] = B * L / med
+    res["rss_after_build_bytes"] = rss_after_build
+    res["peak_rss_bytes"] = peak_rss_bytes()
+    if dev.type == "cuda":
+        res["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+        res["peak_device_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    if a.memory_breakdown and a.what == "train":
+        res["memory_breakdown_bytes"] = memory_breakdown(var, vae, opt, forward)
     if a.profile:
         res["profile_s"] = profile_split(call, sync)
     for k, v in res.items():

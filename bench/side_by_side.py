@@ -16,6 +16,10 @@ Each number is a median over ``--steps`` calls after a warm-up call; the runs al
 implementations, benchmark by benchmark, so both see the same machine load. The ratio is varjax / official
 (< 1: varjax is faster).
 
+``--memory`` (or ``--only ...,memory``) also measures the peak resident memory of the whole process, each run in
+its own process (``bench/memory.py``): a d8 training step at batch 16 (varjax with remat ``dots`` and ``full``) and
+sampling at batch 8, with what each process holds (parameters, optimizer state, saved activations).
+
 ``--profile`` also splits one training step of each by kind of work (weight products, attention, the rest):
 varjax with ``bench/profile_train.py`` (wall time shared among concurrently running XLA ops), the official code
 with ``torch.profiler`` (op self time; its eager ops run one after another).
@@ -95,13 +99,16 @@ def main(argv=None) -> dict:
     p.add_argument("--torch-python", required=True, help="python of a virtualenv with torch")
     p.add_argument("--varjax-python", default=sys.executable, help="python of varjax's environment")
     p.add_argument("--steps", type=int, default=3, help="timed calls per benchmark (after a warm-up call)")
-    p.add_argument("--only", default="train,sample,decode", help="comma-separated subset of train,sample,decode")
+    p.add_argument("--only", default="train,sample,decode",
+                   help="comma-separated subset of train,sample,decode,memory")
+    p.add_argument("--memory", action="store_true", help="also the peak memory of a d8 step and of sampling")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark process")
     p.add_argument("--platform", default="cpu", help="JAX_PLATFORMS for varjax (cpu, cuda, tpu)")
     p.add_argument("--profile", action="store_true", help="also split one training step of each by kind of work")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    names = [n for n in a.only.split(",") if n]
+    names = [n for n in a.only.split(",") if n and n != "memory"]
+    memory = a.memory or "memory" in a.only.split(",")
     bad = [n for n in names if n not in BENCHES]
     if bad:
         raise SystemExit(f"error: --only {bad}: expected names among {', '.join(BENCHES)}.")
@@ -141,6 +148,18 @@ def main(argv=None) -> dict:
                 print(f"[side-by-side] train  {k:16s} varjax {vj['profile_s'].get(k, 0.0):6.2f} s   "
                       f"official {off['profile_s'].get(k, 0.0):6.2f} s", flush=True)
         if a.json:  # after every benchmark, so a long run that is stopped keeps what it measured
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=2)
+    if memory:
+        sys.path.insert(0, HERE)
+        import memory as memory_bench
+
+        ns = argparse.Namespace(python=a.varjax_python, torch_python=a.torch_python, var_repo=a.var_repo,
+                                timeout=a.timeout, step_remat="dots,full")
+        mem_env = dict(env, VARJAX_COMPILE_CACHE="off")  # each process compiles, as a first run does
+        mem_env.pop("XLA_FLAGS", None)
+        results["memory"] = memory_bench.compare_step(ns, mem_env, tempfile.mkdtemp(prefix="memory_logs_"))
+        if a.json:
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=2)
     return results
