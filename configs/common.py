@@ -323,9 +323,13 @@ def ecar(depth: int) -> ml_collections.ConfigDict:
         patch_nums=_typed(None, tuple),
         stage_starts=(), attn_l2_norm=True, cond_drop_rate=0.1, mlp_ratio=4.0, head_width=64 * depth,
         head_depth=6, time_dim=256, latent_shift=0.0, latent_scale=0.0, dtype="bfloat16",
+        # the flow network: "mlp" (MAR's per-token head of head_depth blocks) or "dit" (varjax.models.flow_dit: a
+        # DiT of flow_depth blocks and flow_heads heads over the stage's whole map, width head_width)
+        flow_net="mlp", flow_depth=2, flow_heads=2, flow_mlp_ratio=4.0,
+        stage_input="noisy",  # what the transformer reads for stage s >= 1: the "noisy" stage end or "clean" x_hat
     ))
-    # defaults of `varjax sample` on the model directory
-    c.sample = ml_collections.ConfigDict(dict(cfg=3.0, steps=8, solver="euler", temperature=1.0))
+    # defaults of `varjax sample` on the model directory (stage_cfg: one guidance scale per stage, or empty)
+    c.sample = ml_collections.ConfigDict(dict(cfg=3.0, steps=8, solver="euler", temperature=1.0, stage_cfg=()))
     return c
 
 

@@ -197,7 +197,8 @@ def plan_without_data(cfg, num_devices: int = 1, steps_per_epoch: int = 100, tok
 
     task = tasks.get(cfg.task)
     tok = tokenizer or task.tokenizer_of(cfg)
+    derived = task.derive(cfg, tok[1])
     data = sources.DataPlan(source="images", cache=None, num_shards=1, steps_per_epoch=steps_per_epoch,
-                            num_classes=task.num_classes_override(cfg) or NUM_CLASSES,
-                            image_size=task.image_size(cfg, tok[1]), config=cfg.data)
+                            num_classes=derived.num_classes or NUM_CLASSES, image_size=derived.image_size,
+                            config=cfg.data)
     return config.resolve(cfg, num_devices=num_devices, process_count=1, tokenizer=tok, data=data)

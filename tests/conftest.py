@@ -84,3 +84,12 @@ def latents_cache(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("latents") / "cache"
     _tiny.write_latents_cache(d, n=64)
     return str(d)
+
+
+@pytest.fixture(autouse=True)
+def _no_pending_preemption():
+    """Every test starts with no preemption notice pending: the flag is process-wide, and a run stops at its
+    first step when it is set (as a SIGTERM between two stages of ``varjax main`` should make it)."""
+    from varjax.core import checkpoint
+
+    checkpoint.reset_preemption_flag()

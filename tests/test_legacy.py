@@ -116,7 +116,9 @@ def test_a_changed_width_is_refused_and_nothing_is_touched(var_run):
 def test_the_ecar_workdir_resumes_on_its_latent_cache(tmp_path, capsys):
     shutil.copytree(LEGACY / "ecar_main", tmp_path / "ecar_main")
     run = tmp_path / "ecar_main" / "ecar"
-    cfg = _resume_config(run, "ecar_shapes:runlocal", total_steps=5, latents_cache=str(run.parent / "latents_train"))
+    # the run predates the coherent flow network: its recipe is now the file's "mlp" variant
+    cfg = _resume_config(run, "ecar_shapes:runlocal,mlp", total_steps=5,
+                         latents_cache=str(run.parent / "latents_train"))
     train.train(config.resolve(cfg), str(run))
     assert "resumed from step 4" in capsys.readouterr().out
     assert list(_tiny.read_losses(run)) == [1, 2, 3, 4, 5]

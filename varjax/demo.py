@@ -45,10 +45,11 @@ class Demo:
 
 
 DEMOS = {
-    # Guidance 4 and top-k 2 instead of the ImageNet defaults: 6 classes and a 64-code vocabulary. Top-k 2 keeps
-    # the edge tokens of thin parts (plus arms, square corners) that top-k 5 erodes.
+    # No guidance and nucleus sampling (top-p 0.8) instead of the ImageNet defaults (6 classes, a 64-code
+    # vocabulary). On the same model (16 per class): class consistency 96.9% (lowest class 87.5%), shape_fd 0.34,
+    # recall 0.70; the former guidance 4 with top-k 2 read 91.7% (68.8%), 0.62 and 0.12: it drew few colours.
     "var": Demo("tokenizer_shapes", "var_shapes", "var", "tokens", "data.tokens_cache",
-                {"cfg": 4.0, "top_k": 2, "top_p": 0.0}, "runs/main"),
+                {"cfg": 1.0, "top_k": 0, "top_p": 0.8}, "runs/main"),
     "ecar": Demo("ecar_tokenizer_shapes", "ecar_shapes", "ecar", "latents", "latents_cache", {}, "runs/main_ecar"),
 }
 

@@ -109,6 +109,14 @@ def in_range(lo: float, hi: float, kind: type = float) -> Callable[[str], int | 
     return parse
 
 
+def floats(s: str) -> tuple[float, ...]:
+    """argparse type: comma-separated numbers (``1,2,3,3``)."""
+    try:
+        return tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
 def ints(s: str) -> tuple[int, ...]:
     """argparse type: comma-separated integers (``3,7,980``)."""
     try:

@@ -1,10 +1,27 @@
-"""E-CAR (arXiv 2412.14170): a stage-wise continuous-token transformer plus a per-token flow head.
+"""E-CAR (arXiv 2412.14170): a stage-wise continuous-token transformer plus a flow network.
 
 The transformer is VAR's (AdaLN blocks, class condition, block-causal mask across stages, KV cache when
 sampling): for stage s it reads every coarser stage's state and emits one condition token per position of
-stage s, all in one parallel step. The flow head is MAR's ``SimpleMLPAdaLN``: a residual MLP on one
-latent token, AdaLN-modulated by (transformer token + time embedding), predicting the velocity of the
-multistage flow (``varjax.models.multistage_flow``).
+stage s, all in one parallel step. The flow network predicts the velocity of the multistage flow
+(``varjax.models.multistage_flow``) from the condition tokens; ``ECARConfig.flow_net`` picks it:
+
+* ``"mlp"``: MAR's ``SimpleMLPAdaLN`` on one latent token at a time, AdaLN-modulated by (transformer token
+  + time embedding). Every token of a stage is integrated on its own.
+* ``"dit"``: ``varjax.models.flow_dit.FlowDiT``, a small DiT over the stage's whole noisy map (condition
+  tokens added per position, AdaLN from time, class and stage, full attention over the stage's positions):
+  the tokens of a stage are denoised jointly.
+
+What the transformer reads for stage s >= 1 (``ECARConfig.stage_input``):
+
+* ``"noisy"``: U(end_{s-1}), the state the sampler holds when stage s begins (noise level 1 - b_{s-1}).
+* ``"clean"``: U(x_hat_{s-1}), the flow network's clean estimate of D_{s-1}(x1) at the end of stage s-1
+  (``multistage_flow.clean_estimate``). Sampling evaluates the flow network once more at each stage end for
+  it. Training reproduces it without running the stages in sequence: a first pass (no gradient) reads the
+  true coarser maps U(D_{s-1}(x1)), evaluates the flow network at every teacher-forced stage end and turns
+  its velocities into x_hat; the second pass, the one trained, reads U(x_hat).
+
+``depth = 0`` removes the stage-wise transformer (the condition tokens are the class and position
+embeddings alone): with one stage over [0, 1] and ``flow_net="dit"`` that is a plain DiT-style flow model.
 
 Letters: B batch, L all tokens of all stages, l one stage's tokens, C transformer width, Cv latent channels,
 W head width.
@@ -21,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from varjax.models import multistage_flow as msf
+from varjax.models.flow_dit import FlowDiT
 from varjax.models.var import AdaLNSelfAttn, VARConfig, level_ids
 
 
@@ -45,6 +63,19 @@ class ECARConfig:
     time_dim: int = 256  # sinusoidal frequencies of the head's time embedding
     latent_shift: float = 0.0  # the flow works on (z - shift) / scale
     latent_scale: float = 1.0
+    flow_net: str = "mlp"  # "mlp": MAR's per-token head; "dit": FlowDiT over the stage's map (width head_width)
+    flow_depth: int = 2  # FlowDiT blocks
+    flow_heads: int = 2  # FlowDiT attention heads
+    flow_mlp_ratio: float = 4.0
+    stage_input: str = "noisy"  # what the transformer reads for stage s >= 1: "noisy" end or "clean" estimate
+
+    def __post_init__(self):
+        if self.flow_net not in ("mlp", "dit"):
+            raise ValueError(f"config.model.flow_net={self.flow_net!r}: expected 'mlp' or 'dit'.")
+        if self.stage_input not in ("noisy", "clean"):
+            raise ValueError(f"config.model.stage_input={self.stage_input!r}: expected 'noisy' or 'clean'.")
+        if self.depth == 0 and len(self.patch_nums) > 1:
+            raise ValueError("config.model.depth=0 (no stage-wise transformer) needs a single stage.")
 
     @property
     def L(self) -> int:
@@ -155,7 +186,11 @@ class ECAR(nn.Module):
         dpr = np.linspace(0, c.drop_path_rate, c.depth)
         self.blocks = [AdaLNSelfAttn(vc, float(dpr[i]), self.dtype, name=f"blocks_{i}") for i in range(c.depth)]
         self.out_ada = nn.Dense(2 * C, name="out_ada", kernel_init=nn.initializers.zeros)
-        self.head = FlowHead(c.head_width, c.head_depth, c.Cvae, c.time_dim, name="head")
+        if c.flow_net == "dit":
+            self.head = FlowDiT(c.head_width, c.flow_depth, c.flow_heads, c.Cvae, c.num_classes, len(c.patch_nums),
+                                c.L, c.patch_nums[-1], c.flow_mlp_ratio, c.time_dim, self.dtype, name="flow")
+        else:
+            self.head = FlowHead(c.head_width, c.head_depth, c.Cvae, c.time_dim, name="head")
 
     def _blocks(self, x_BlC, cond_BD, caches, deterministic: bool):
         """All blocks; returns (x, [(k, v)] per block). The one place the VAR block is called."""
@@ -186,12 +221,20 @@ class ECAR(nn.Module):
         """Input of one stage (tokens start..start+l): U(end of the previous stage), embedded."""
         return self.word_embed(x_BlCv.astype(jnp.float32)) + self.lvl_pos()[:, start : start + x_BlCv.shape[1]]
 
-    def conditions(self, label_B, x_in_BLCv, train: bool = False):
-        """Teacher forcing: condition tokens (B, L, C) of every stage from the inputs (B, L - first_l, Cv)."""
+    def drop_labels(self, label_B, train: bool):
+        """Labels with the null class at rate ``cond_drop_rate`` when training (classifier-free guidance)."""
         c = self.cfg
         if train and c.cond_drop_rate > 0:
             drop = jax.random.uniform(self.make_rng("dropout"), label_B.shape) < c.cond_drop_rate
             label_B = jnp.where(drop, c.num_classes, label_B)
+        return label_B
+
+    def conditions(self, label_B, x_in_BLCv, train: bool = False, drop: bool = True):
+        """Teacher forcing: condition tokens (B, L, C) of every stage from the inputs (B, L - first_l, Cv);
+        ``drop``: drop labels here (else ``label_B`` is already dropped)."""
+        c = self.cfg
+        if drop:
+            label_B = self.drop_labels(label_B, train)
         cond_BD = self.class_emb(label_B)
         x = self.first_tokens(cond_BD)
         if c.L > c.first_l:
@@ -204,13 +247,60 @@ class ECAR(nn.Module):
         x, new = self._blocks(x_BlC, cond_BD, caches, deterministic=True)
         return self._out(x, cond_BD), new
 
-    def velocity(self, z_BlC, x_BlCv, t_Bl):
-        """Flow head on every token: (B, l, Cv)."""
+    def stage_velocity(self, z_BlC, x_BlCv, t_B, label_B, stage: int):
+        """Velocity (B, l, Cv) of stage ``stage``'s map x (B, l, Cv) at times t (B,) (label: null class for the
+        unconditional half of guidance; read by the "dit" flow net only)."""
         B, l, Cv = x_BlCv.shape
+        if self.cfg.flow_net == "dit":
+            offset = sum(r * r for r in self.cfg.patch_nums[:stage])
+            return self.head(x_BlCv, t_B, z_BlC, label_B, stage, offset)
+        t_Bl = jnp.broadcast_to(t_B[:, None], (B, l))
         v = self.head(x_BlCv.reshape(B * l, Cv), t_Bl.reshape(B * l), z_BlC.reshape(B * l, -1))
         return v.reshape(B, l, Cv)
 
-    def __call__(self, label_B, x_in_BLCv, x_t_BLCv, t_BL, train: bool = False):
-        """Training forward: predicted velocities (B, L, Cv) of the points x_t at times t."""
-        z = self.conditions(label_B, x_in_BLCv, train)
-        return self.velocity(z, x_t_BLCv, t_BL)
+    def velocity(self, z_BLC, x_BLCv, t_BL, label_B=None):
+        """Flow net on every stage of the teacher-forced sequence: (B, L, Cv). The time is read at each stage's
+        first token (one time per example and stage)."""
+        if self.cfg.flow_net == "mlp":  # per token: one call on all stages at once
+            B, L, Cv = x_BLCv.shape
+            v = self.head(x_BLCv.reshape(B * L, Cv), t_BL.reshape(B * L), z_BLC.reshape(B * L, -1))
+            return v.reshape(B, L, Cv)
+        out, start = [], 0
+        for s, r in enumerate(self.cfg.patch_nums):
+            sl = slice(start, start + r * r)
+            out.append(self.stage_velocity(z_BLC[:, sl], x_BLCv[:, sl], t_BL[:, start], label_B, s))
+            start += r * r
+        return jnp.concatenate(out, axis=1)
+
+    def clean_inputs(self, label_B, x_in_BLCv, x_end_BLCv):
+        """Transformer inputs of the "clean" formulation, (B, L - first_l, Cv): U(x_hat_{s-1}) for s >= 1, where
+        x_hat is the flow net's clean estimate at the teacher-forced end of every stage, its conditions read
+        from the true coarser maps ``x_in`` (U(D_{s-1}(x1))). No gradient flows through it."""
+        c = self.cfg
+        pns, wins = c.patch_nums, c.windows
+        z = self.conditions(label_B, x_in_BLCv, train=False, drop=False)
+        t_end = jnp.concatenate([jnp.full((x_end_BLCv.shape[0], r * r), wins[s][1]) for s, r in enumerate(pns)],
+                                axis=1)
+        v = self.velocity(z, x_end_BLCv, t_end, label_B)
+        ups, start = [], 0
+        for s, r in enumerate(pns[:-1]):
+            sl = slice(start, start + r * r)
+            B = v.shape[0]
+            x_end = x_end_BLCv[:, sl].reshape(B, r, r, -1)
+            v_end = v[:, sl].reshape(B, r, r, -1)
+            f_prev = r // pns[s - 1] if s else 1
+            x_hat = msf.clean_estimate(x_end, v_end, wins[s][0], wins[s][1], f_prev)
+            ups.append(msf.upsample(x_hat, pns[s + 1] // r))
+            start += r * r
+        return jax.lax.stop_gradient(msf.flatten(ups))
+
+    def __call__(self, label_B, x_in_BLCv, x_t_BLCv, t_BL, train: bool = False, x_end_BLCv=None):
+        """Training forward: predicted velocities (B, L, Cv) of the points x_t at times t.
+
+        ``x_in``: the transformer's inputs (U(end_{s-1}) for "noisy"; U(D_{s-1}(x1)) for "clean", refined
+        into U(x_hat_{s-1}) by ``clean_inputs`` when the stage ends ``x_end`` (B, L, Cv) are given)."""
+        label_B = self.drop_labels(label_B, train)
+        if self.cfg.stage_input == "clean" and x_end_BLCv is not None:
+            x_in_BLCv = self.clean_inputs(label_B, x_in_BLCv, x_end_BLCv)
+        z = self.conditions(label_B, x_in_BLCv, train, drop=False)
+        return self.velocity(z, x_t_BLCv, t_BL, label_B)

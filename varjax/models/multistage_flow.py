@@ -29,6 +29,16 @@ N(0, (1 - a)^2 I) with no correlation left: exactly the marginal the next stage 
 is pyramidal flow's rule (rescale by (1 + a) / 2, b = 2a / (1 + a), corrective noise of variance
 3 (1 - a)^2 / 4 with -1/3 correlation inside a block).
 
+Clean estimate at a stage end (the "clean" stage input of ``varjax.models.ecar``). Split a map into its
+block-mean part P = U mean_f (what the coarser stage fixed) and the rest Q = I - P. On P the path of stage s
+is the straight line t D_s(x1) + (1 - t) n (t from a_s to b_s); on Q it rises from 0 to b_s D_s(x1) while
+the noise falls from 1 - a_s to 1 - b_s. From the end point x and the velocity v (per unit tau) at tau = 1,
+with y = x + (1 - b) v / (b - a)::
+
+    x_hat = P y + (b - a) / (b (1 - a)) Q y        (exactly D_s(x1) for the teacher's velocity)
+
+For stage 0 (a = 0) both parts agree: x_hat = x + (1 - b) v / b, the usual x_t + (1 - t) dx/dt.
+
 Teacher forcing. Training draws the chain the sampler produces under a perfect flow: n_0 fresh, each later
 start re-noised from the previous end with the rule above, and n_s read back from that start. The
 transformer's input for stage s >= 1 is U(end_{s-1}): what the sampler holds when stage s begins.
@@ -99,6 +109,16 @@ def renoise(end_BrrC: jax.Array, a_next: float, f: int, rng: jax.Array, temperat
     return c * up + (1.0 - a_next) * (m - upsample(mean_pool(m, f), f))
 
 
+def clean_estimate(x_end_BrrC: jax.Array, v_BrrC: jax.Array, a: float, b: float, f: int) -> jax.Array:
+    """Clean map D_s(x1) estimated from the stage's end point and velocity (per unit tau) at tau = 1; ``f``
+    is the factor from the previous stage (1 for the first). See the module docstring."""
+    y = x_end_BrrC + (1.0 - b) / (b - a) * v_BrrC
+    if f == 1 or a == 0.0:
+        return y
+    p = upsample(mean_pool(y, f), f)
+    return p + (b - a) / (b * (1.0 - a)) * (y - p)
+
+
 def pyramid(x1_BhwC: jax.Array, patch_nums: Sequence[int]) -> list[jax.Array]:
     """[D_s(x1)] for every stage, coarse to fine."""
     top = patch_nums[-1]
@@ -145,7 +165,9 @@ def training_example(x1_BhwC: jax.Array, patch_nums: Sequence[int], wins, rng: j
     """Everything one flow-matching step needs, per token (L = sum r_s^2).
 
     Returns x_in (B, L - r_0^2, C) transformer inputs, x_t (B, L, C) points on the paths, t_BL global times,
-    v (B, L, C) target velocities and stage_B (B,) the stage drawn for each example (uniformly).
+    v (B, L, C) target velocities and stage_B (B,) the stage drawn for each example (uniformly); for the
+    "clean" stage input also x_in_clean (B, L - r_0^2, C), U(D_{s-1}(x1)) at every stage s >= 1, and x_end
+    (B, L, C), every stage's end point.
     """
     r_chain, r_tau, r_stage = jax.random.split(rng, 3)
     starts, ends = teacher_chain(x1_BhwC, patch_nums, wins, r_chain)
@@ -162,6 +184,8 @@ def training_example(x1_BhwC: jax.Array, patch_nums: Sequence[int], wins, rng: j
         "t": a[None] + tau_BL * (b - a)[None],
         "v": xe - x0,
         "stage": jax.random.randint(r_stage, (B,), 0, S),
+        "x_in_clean": transformer_inputs(pyramid(x1_BhwC, patch_nums), patch_nums),
+        "x_end": xe,
     }
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from varjax import sampling
 from varjax.core import paths
-from varjax.core.errors import at_least, in_range, ints
+from varjax.core.errors import at_least, floats, in_range, ints
 
 
 def sampling_flags(p: argparse.ArgumentParser, top_k: int | None = None, top_p: float | None = None) -> None:
@@ -31,6 +31,8 @@ def sampling_flags(p: argparse.ArgumentParser, top_k: int | None = None, top_p: 
     p.add_argument("--solver", default="", help="E-CAR: euler or heun (default: the model's)")
     p.add_argument("--temperature", type=at_least(0.0), default=None, help="E-CAR: noise scale (default: the "
                    "model's)")
+    p.add_argument("--stage-cfg", type=floats, default=None, help="E-CAR: one guidance scale per stage, e.g. "
+                   "1,2,3,3 (default: the model's; overrides --cfg)")
     p.add_argument("--no-ema", action="store_true", help="the raw trained weights instead of their EMA")
 
 

@@ -3,9 +3,13 @@
 For stage s the transformer emits the condition tokens of all r_s^2 positions at once (conditional and
 unconditional halves for classifier-free guidance); the flow head then integrates the stage's own time
 window [a_s, b_s] with ``steps`` Euler or Heun steps, the guided velocity being
-``v_u + cfg * (v_c - v_u)``. The stage's end is re-noised to the next stage's start (see
-``varjax.models.multistage_flow``) and, upsampled, becomes the transformer's input for the next stage. Only
-the last stage reaches t = 1; its latent is decoded by the KL autoencoder.
+``v_u + cfg_s * (v_c - v_u)`` (``cfg_s``: one guidance scale, or one per stage). With the "dit" flow net the
+velocity of a position depends on the whole map of the stage (``varjax.models.flow_dit``). The stage's end
+is re-noised to the next stage's start (see ``varjax.models.multistage_flow``) and, upsampled, becomes the
+transformer's input for the next stage ("noisy" stage input), or the flow net is evaluated once more at the
+stage end and its clean estimate x_hat, upsampled, is that input ("clean"; conditional and unconditional
+halves each from their own velocity). Only the last stage reaches t = 1; its latent is decoded by the KL
+autoencoder.
 
 Stages and steps are unrolled inside one ``jax.jit`` (static shapes per stage), so the whole generation is a
 single compiled program and XLA's cost analysis counts every step.
@@ -21,6 +25,7 @@ import jax.numpy as jnp
 
 from varjax.models import multistage_flow as msf
 from varjax.models.ecar import ECAR, ECARConfig
+from varjax.models.flow_dit import flops_per_call
 from varjax.models.kl_ae import KLAE, KLAEConfig
 
 
@@ -28,6 +33,7 @@ from varjax.models.kl_ae import KLAE, KLAEConfig
 class FlowSampleOptions:
     cfg: float = 3.0  # classifier-free guidance scale (1 = no guidance)
     steps: int = 8  # flow steps per stage
+    stage_cfg: tuple[float, ...] = ()  # one guidance scale per stage (overrides cfg when given)
     solver: str = "euler"  # "euler" or "heun"
     temperature: float = 1.0  # scales the initial and the re-noising noise (< 1: less diverse, as MAR's)
 
@@ -36,6 +42,14 @@ class FlowSampleOptions:
             raise ValueError(f"solver={self.solver!r}: expected 'euler' or 'heun'.")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps}: expected at least 1 flow step per stage.")
+        object.__setattr__(self, "stage_cfg", tuple(float(g) for g in self.stage_cfg))
+
+    def guidance(self, stage: int) -> float:
+        return self.stage_cfg[stage] if self.stage_cfg else self.cfg
+
+    @property
+    def guided(self) -> bool:
+        return any(g != 1.0 for g in self.stage_cfg) if self.stage_cfg else self.cfg != 1.0
 
 
 def generate_latent(cfg: ECARConfig, opts: FlowSampleOptions, params, label_B, rng):
@@ -44,7 +58,9 @@ def generate_latent(cfg: ECARConfig, opts: FlowSampleOptions, params, label_B, r
     p = {"params": params}
     pns, wins = cfg.patch_nums, cfg.windows
     B, Cv = label_B.shape[0], cfg.Cvae
-    guided = opts.cfg != 1.0
+    if opts.stage_cfg and len(opts.stage_cfg) != len(pns):
+        raise ValueError(f"stage_cfg={opts.stage_cfg}: expected one guidance scale per stage ({len(pns)}).")
+    guided = opts.guided
     labels = jnp.concatenate([label_B, jnp.full_like(label_B, cfg.num_classes)]) if guided else label_B
     cond = model.apply(p, labels, method=ECAR.embed_class)
     x_tok = model.apply(p, cond, method=ECAR.first_tokens)
@@ -57,16 +73,20 @@ def generate_latent(cfg: ECARConfig, opts: FlowSampleOptions, params, label_B, r
         else:
             x = msf.renoise(end, wins[s][0], r // pns[s - 1], keys[s], opts.temperature)
         a, b = wins[s]
+        g = opts.guidance(s)
 
-        def vel(x_BrrC, tau, z=z, a=a, b=b, r=r):
-            xx = x_BrrC.reshape(B, r * r, Cv)
-            if guided:
-                xx = jnp.concatenate([xx, xx])
-            t = jnp.full(xx.shape[:2], a + tau * (b - a), jnp.float32)
-            v = model.apply(p, z, xx, t, method=ECAR.velocity)
-            if guided:
-                v = v[B:] + opts.cfg * (v[:B] - v[B:])
-            return v.reshape(B, r, r, Cv)
+        def raw_vel(xx_NrrC, tau, z=z, a=a, b=b, r=r, s=s):
+            """Velocities of both guidance halves (or the one unguided batch): (N, r, r, Cv)."""
+            xx = xx_NrrC.reshape(xx_NrrC.shape[0], r * r, Cv)
+            t = jnp.full(xx.shape[:1], a + tau * (b - a), jnp.float32)
+            v = model.apply(p, z, xx, t, labels, s, method=ECAR.stage_velocity)
+            return v.reshape(xx_NrrC.shape)
+
+        def vel(x_BrrC, tau, g=g, raw_vel=raw_vel):
+            if not guided:
+                return raw_vel(x_BrrC, tau)
+            v = raw_vel(jnp.concatenate([x_BrrC, x_BrrC]), tau)
+            return v[B:] + g * (v[:B] - v[B:])
 
         dt = 1.0 / opts.steps
         for k in range(opts.steps):
@@ -81,10 +101,16 @@ def generate_latent(cfg: ECARConfig, opts: FlowSampleOptions, params, label_B, r
         cur += r * r
         if s != len(pns) - 1:
             f = pns[s + 1] // r
-            nxt = msf.upsample(end, f).reshape(B, -1, Cv)
-            x_tok = model.apply(p, nxt, cur, method=ECAR.embed_next)
-            if guided:
-                x_tok = jnp.concatenate([x_tok, x_tok])
+            if cfg.stage_input == "clean":
+                both = jnp.concatenate([end, end]) if guided else end
+                x_hat = msf.clean_estimate(both, raw_vel(both, 1.0), a, b, r // pns[s - 1] if s else 1)
+                nxt = msf.upsample(x_hat, f).reshape(both.shape[0], -1, Cv)
+                x_tok = model.apply(p, nxt, cur, method=ECAR.embed_next)
+            else:
+                nxt = msf.upsample(end, f).reshape(B, -1, Cv)
+                x_tok = model.apply(p, nxt, cur, method=ECAR.embed_next)
+                if guided:
+                    x_tok = jnp.concatenate([x_tok, x_tok])
     return end
 
 
@@ -129,17 +155,30 @@ def head_evals_per_stage(opts: FlowSampleOptions) -> int:
     return opts.steps if opts.solver == "euler" else 2 * opts.steps - 1
 
 
+def flow_net_flops(cfg: ECARConfig, l: int) -> float:
+    """Matmul FLOPs of one flow-net evaluation on one example's stage map of ``l`` positions."""
+    if cfg.flow_net == "dit":
+        return flops_per_call(cfg.head_width, cfg.flow_depth, cfg.flow_mlp_ratio, cfg.embed_dim, cfg.Cvae, l,
+                              cfg.time_dim)
+    return l * head_flops_per_token(cfg)
+
+
 def sampling_flops(cfg: ECARConfig, opts: FlowSampleOptions, batch: int = 1) -> dict:
     """Analytic matmul FLOPs of ``generate_latent`` for ``batch`` images (decoder excluded), by part.
 
-    Guidance doubles both the transformer and the head batch. The head's share is
-    ``sum_s r_s^2 * evals_per_stage * head_flops_per_token``: the saving of the stage schedule over one
+    Guidance doubles both the transformer and the flow-net batch. The flow net's share is
+    ``sum_s evals_s * flow_net_flops(r_s^2)`` (``evals_s``: the solver's evaluations, plus one at the stage end
+    for the "clean" stage input). For the per-token head, the saving of the stage schedule over one
     full-resolution stage with the same total evaluations is ``S * r_{S-1}^2 / sum_s r_s^2``.
     """
-    mult = 2 if opts.cfg != 1.0 else 1
-    tokens = sum(r * r for r in cfg.patch_nums)
+    mult = 2 if opts.guided else 1
+    S = len(cfg.patch_nums)
     tr = transformer_flops(cfg, batch * mult)
-    head = tokens * head_evals_per_stage(opts) * head_flops_per_token(cfg) * batch * mult
+    head = 0.0
+    for s, r in enumerate(cfg.patch_nums):
+        evals = head_evals_per_stage(opts) + (1 if cfg.stage_input == "clean" and s < S - 1 else 0)
+        head += evals * flow_net_flops(cfg, r * r)
+    head *= batch * mult
     return {"transformer": tr, "flow_head": head, "total": tr + head}
 
 
@@ -147,7 +186,8 @@ EXTRA = "latents"  # what a sample carries besides its image: the normalised cle
 
 
 def options(defaults: dict, *, cfg: float | None = None, flow_steps: int = 0, solver: str = "",
-            temperature: float | None = None, **unused) -> FlowSampleOptions:
+            temperature: float | None = None, stage_cfg: tuple[float, ...] | None = None,
+            **unused) -> FlowSampleOptions:
     """Sampling options from command-line values (None / 0 / "": the model directory's ``sample`` defaults)."""
     del unused
     base = FlowSampleOptions(**{k: v for k, v in defaults.items() if k in FlowSampleOptions.__dataclass_fields__})
@@ -157,8 +197,11 @@ def options(defaults: dict, *, cfg: float | None = None, flow_steps: int = 0, so
         steps=flow_steps or base.steps,
         solver=solver or base.solver,
         temperature=base.temperature if temperature is None else temperature,
+        # a guidance scale given alone replaces the directory's per-stage scales
+        stage_cfg=base.stage_cfg if stage_cfg is None and cfg is None else (stage_cfg or ()),
     )
 
 
 def describe(opts: FlowSampleOptions) -> dict:
-    return {"cfg": opts.cfg, "steps": opts.steps, "solver": opts.solver, "temperature": opts.temperature}
+    return {"cfg": opts.cfg, "stage_cfg": list(opts.stage_cfg), "steps": opts.steps, "solver": opts.solver,
+            "temperature": opts.temperature}

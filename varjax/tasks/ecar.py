@@ -103,10 +103,12 @@ def build(plan, mesh) -> Task:
         rng = jax.random.fold_in(state["rng"], state["step"])
         r_flow, r_drop = jax.random.split(rng)
         ex = msf.training_example(latents(batch, frozen["vae"]), pns, wins, r_flow)
+        # the "clean" stage input starts from the true coarser maps; the model refines them into its estimates
+        x_in, x_end = (ex["x_in_clean"], ex["x_end"]) if model_cfg.stage_input == "clean" else (ex["x_in"], None)
 
         def loss_fn(params):
-            v = model.apply({"params": params}, batch["label"], ex["x_in"], ex["x_t"], ex["t"], train=True,
-                            rngs={"dropout": r_drop})
+            v = model.apply({"params": params}, batch["label"], x_in, ex["x_t"], ex["t"], train=True,
+                            x_end_BLCv=x_end, rngs={"dropout": r_drop})
             return msf.flow_loss(v, ex["v"], ex["stage"], pns, cfg.all_stages)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
