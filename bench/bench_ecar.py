@@ -18,8 +18,8 @@ Every generator of the comparison, in one process on one machine, scored as ``va
 * **E-CAR, coherent flow** (``--ecar``, ``configs/ecar_shapes.py``): stages 1-2-4-8, the stage-wise transformer
   once per stage and the 2-block flow DiT at every flow step, 8 steps per stage;
 * **E-CAR, MLP head** (``--ecar-mlp``, ``configs/ecar_shapes.py:mlp``): the same stages with MAR's per-token head;
-* **VAR** (``--var``, the VAR main job's model): its sampling (guidance 4, top-k 2) and a wider draw
-  (``--var-wide``: top-k, top-p).
+* **VAR** (``--var``, the VAR main job's model): the main job's sampling (no guidance, top-p 0.8), the former
+  one (guidance 4, top-k 2) and a wider draw at guidance 4 (``--var-wide``: top-k, top-p).
 
 The flow models sample at temperature 1 with each directory's guidance. Columns: parameters of the generator;
 sampling GFLOPs per image (XLA's cost analysis of the compiled sampler, tokenizer decoder included); seconds per
@@ -81,9 +81,11 @@ def main() -> None:
             for n in a.dit_steps.split(",")]
     rows.append(row("E-CAR, MLP head", a.ecar_mlp, a.per_class, temperature=1.0))
     rows.append(row("E-CAR, coherent flow", a.ecar, a.per_class, temperature=1.0))
+    rows.append(row("VAR, main job (no guidance, top-p 0.8)", a.var, a.per_class, cfg=1.0, top_k=0, top_p=0.8))
     k, tp = a.var_wide.split(",")
-    rows.append(row("VAR, top-k 2", a.var, a.per_class, cfg=4.0, top_k=2, top_p=0.0))
-    rows.append(row(f"VAR, top-k {k} top-p {tp}", a.var, a.per_class, cfg=4.0, top_k=int(k), top_p=float(tp)))
+    rows.append(row("VAR, guidance 4, top-k 2", a.var, a.per_class, cfg=4.0, top_k=2, top_p=0.0))
+    rows.append(row(f"VAR, guidance 4, top-k {k} top-p {tp}", a.var, a.per_class, cfg=4.0, top_k=int(k),
+                    top_p=float(tp)))
     res = {"command": "python bench/bench_ecar.py " + " ".join(f"--{x} {getattr(a, x.replace('-', '_'))}" for x in
                                                                 ("ecar", "ecar-mlp", "dit", "var", "per-class")),
            "machine": f"{platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} device(s)",
