@@ -4,7 +4,7 @@ Build it like any TFDS dataset (nothing is downloaded)::
 
     import tensorflow_datasets as tfds
     import varjax.data.shapes_tfds  # registers the builder
-    builder = tfds.builder('varjax_shapes/32', data_dir='/tmp/tfds')
+    builder = tfds.builder('varjax_shapes/32', data_dir=DATA_DIR)
     builder.download_and_prepare()
 
 Smaller variants are made with a custom config:
