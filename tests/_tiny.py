@@ -16,11 +16,28 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 6  # varjax_shapes
 
+# The tests' programs are tiny and run a few steps: compiling them (LLVM's optimisation passes) costs far more than
+# running them, so every test process, subprocesses included, compiles with the backend's cheapest settings. This
+# changes no numbers the tests compare (XLA's rewrites of the program are the same; fast-math stays off).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int) -> str:
+    """``XLA_FLAGS`` of a test process with ``devices`` virtual CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
 # 32px, 8x8 latents: the tokenizers of the runlocal configs' size class.
 VQ_ARGS = dict(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
                using_mid_sa=False, patch_nums=(1, 2, 4, 8), num_groups=8)
 KL_ARGS = dict(z_channels=4, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False, using_mid_sa=False,
                num_groups=8, image_size=32)
+
+
+# The scaling sweep of the tests (tests/test_sweep.py, and on gs:// in tests/test_remote_paths.py): members d2-d4 of
+# width 8 per block, two steps each, on a 4-scale tokenizer. Both files train the same programs, so the second
+# loads them from the session's compilation cache.
+SWEEP_CONFIG = "configs/sweep_shapes.py:runlocal,width=8,steps=2"
+SWEEP_VQ = dict(vocab_size=32, ch=8, ch_mult=(1, 1, 2, 2), patch_nums=(1, 2, 3, 4), num_groups=4)
 
 
 def vq_cfg(**kw):
@@ -115,14 +132,20 @@ def write_latents_cache(path, n: int = 64, seed: int = 0, cfg=None) -> None:
 
 def prepare_shapes(name: str = "varjax_shapes/tiny") -> str:
     """Prepares the embedded dataset ``name`` in ``$TFDS_DATA_DIR`` (set by the conftest); returns that directory."""
+    import fcntl
+
     import tensorflow_datasets as tfds
 
     import varjax.data.shapes_tfds  # noqa: F401 - registers the builder
 
     data_dir = os.environ["TFDS_DATA_DIR"]
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-        builder.download_and_prepare()
+    os.makedirs(data_dir, exist_ok=True)
+    # the test processes of one run share the directory: one prepares, the others wait and reuse it
+    with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = tfds.builder(name, data_dir=data_dir)
+        if not builder.is_prepared():
+            builder.download_and_prepare()
     return data_dir
 
 

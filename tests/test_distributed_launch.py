@@ -141,7 +141,7 @@ def _run_single_and_pair(tmp_path, command, args, devices=4):
     cmd = [sys.executable, "-m", "varjax", command, *args]
     single = tmp_path / "single"
     res = subprocess.run([*cmd, "--workdir", str(single)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env={**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 * devices}"})
+                         env={**env, "XLA_FLAGS": _tiny.xla_flags(2 * devices)})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"process 0/1, {2 * devices} local devices, {2 * devices} global devices" in res.stdout
 
@@ -153,7 +153,7 @@ def _run_single_and_pair(tmp_path, command, args, devices=4):
                 "SLURM_STEP_NODELIST": "localhost",
                 "SLURM_JOB_NODELIST": "localhost", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
                 "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+                "XLA_FLAGS": _tiny.xla_flags(devices)}
         procs.append(subprocess.Popen([*cmd, "--workdir", str(multi)], cwd=tmp_path, env={**env, **srun},
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from tests import _tiny
+
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("compile_cache")
-    return {**os.environ, "VARJAX_COMPILE_CACHE": str(cache), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    return {**os.environ, "VARJAX_COMPILE_CACHE": str(cache), "XLA_FLAGS": _tiny.xla_flags(1), "JAX_PLATFORMS": "cpu"}
 
 
 def varjax(argv, env, cwd, limit_file_size: int | None = None) -> subprocess.CompletedProcess:
@@ -111,3 +113,25 @@ def test_checkpoint_write_that_fails_keeps_the_last_finished_one_for_the_rerun(t
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step 2" in again.stdout
     assert (run / "checkpoints" / "6").is_dir() and not list((run / "checkpoints").glob("*tmp*"))
+
+
+@pytest.mark.parametrize("first_line", ["Task exception was never retrieved",
+                                        "_GatheringFuture exception was never retrieved"])
+def test_asyncio_reports_of_a_failed_checkpoint_write_are_not_printed(first_line):
+    # The failed write is reported once, in the error paragraph; asyncio's record of the same failure (a task or
+    # the future gathering them, whichever the garbage collector finalises at exit) would follow it.
+    import logging
+
+    orbax_record = logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, first_line + "\nfuture: <"
+                                     "exception=ValueError('writing run/checkpoints/4.orbax-checkpoint-tmp')>", None,
+                                     None)
+    other = logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, first_line + "\nfuture: <mine>", None,
+                              None)
+    assert not checkpoint_filter().filter(orbax_record)
+    assert checkpoint_filter().filter(other)
+
+
+def checkpoint_filter():
+    from varjax.core import checkpoint
+
+    return checkpoint._SaidByVarjax()

@@ -120,7 +120,7 @@ def outputs(tmp_path_factory, golden_dir):
     ]
     res = subprocess.run(
         [sys.executable, "-c", PROLOGUE + RUN, str(ROOT / "bench"), json.dumps(steps)], cwd=work,
-        env=_tiny.subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1"), capture_output=True,
+        env=_tiny.subprocess_env(XLA_FLAGS=_tiny.xla_flags(1)), capture_output=True,
         text=True, timeout=900)
     assert res.returncode == 0 and "[no-tf] done" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
     return work, want_fid

@@ -79,9 +79,10 @@ def test_convert_train_resume_sample_sweep_on_gs(gcs, capsys):
     assert (store / "bkt" / "samples.png").read_bytes()[:4] == b"\x89PNG"
     assert os.listdir(cwd) == []
 
-    # a sweep of two members, then the fit
-    cli.main(["sweep", "launch", "--config", str(ROOT / "configs" / "sweep_shapes.py") + ":runlocal,depths=2+3",
-              "--root", "gs://bkt/sweep", "--config.tokenizer_dir=gs://bkt/tok", "--config.async_ckpt=False"])
+    # a sweep of two members (tests/test_sweep.py's programs), then the fit
+    _tiny.save_vq("gs://bkt/sweep_tok", _tiny.vq_cfg(**_tiny.SWEEP_VQ))
+    cli.main(["sweep", "launch", "--config", str(ROOT / _tiny.SWEEP_CONFIG) + ",depths=2+3", "--root", "gs://bkt/sweep",
+              "--config.tokenizer_dir=gs://bkt/sweep_tok", "--config.async_ckpt=False"])
     sweep = store / "bkt" / "sweep"
     assert {"d2", "d3"} <= set(os.listdir(sweep)) and (sweep / "d2" / "done.json").is_file()
     cli.main(["sweep", "fit", "--root", "gs://bkt/sweep"])

@@ -120,7 +120,7 @@ def test_two_processes_equal_one(full_run, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = _tiny.subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = _tiny.subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS=_tiny.xla_flags(4))
     worker = str(ROOT / "tests" / "_sample_many_worker.py")
     procs = [subprocess.Popen([sys.executable, worker, str(tmp_path), f"localhost:{port}", "2", str(i)], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

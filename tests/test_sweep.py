@@ -11,14 +11,14 @@ from varjax import cli, config, train
 from varjax.models import flops
 from varjax.scaling import sweep
 
-CONFIG = "configs/sweep_shapes.py:runlocal,width=8,steps=2"
+CONFIG = _tiny.SWEEP_CONFIG
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def sweep_env(tmp_path_factory, shapes_data):
     tmp = tmp_path_factory.mktemp("sweep")
-    vae_cfg = _tiny.vq_cfg(vocab_size=32, ch=8, ch_mult=(1, 1, 2, 2), patch_nums=(1, 2, 3, 4), num_groups=4)
+    vae_cfg = _tiny.vq_cfg(**_tiny.SWEEP_VQ)
     assert vae_cfg.image_size == 32  # the tiny shapes images
     _tiny.save_vq(tmp / "tok", vae_cfg)
     overrides = [f"--config.tokenizer_dir={tmp / 'tok'}"]

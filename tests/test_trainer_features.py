@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import _tiny
 from varjax import cli, config
 from varjax import train as train_lib
 from varjax.core import checkpoint, model_dir
@@ -78,7 +79,7 @@ def test_sampling_uses_the_ema_weights_unless_no_ema(uninterrupted, tmp_path):
 
 
 def test_second_sample_start_loads_its_program_from_the_compilation_cache(tmp_path):
-    env = {**os.environ, "VARJAX_COMPILE_CACHE": str(tmp_path / "cache"), "XLA_FLAGS": "",
+    env = {**os.environ, "VARJAX_COMPILE_CACHE": str(tmp_path / "cache"), "XLA_FLAGS": _tiny.xla_flags(1),
            "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
     argv = [sys.executable, "-m", "varjax", "sample", "--ckpt", str(LEGACY / "model_dir"), "--labels", "0,1",
             "--out", str(tmp_path / "s.png")]

@@ -1,9 +1,6 @@
-"""VAR trainer across devices and processes: a sharded step equals the unsharded one, batch checks, and a
-two-process CPU run reproduces the single-process losses."""
+"""VAR trainer across devices: a sharded step equals the unsharded one, and batch checks. (Two processes started
+as a launcher starts them reproduce the single-process losses: tests/test_distributed_launch.py.)"""
 
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import chex
@@ -68,56 +65,3 @@ def test_indivisible_batch_raises(vq_dir, tokens_cache):
     cfg.mesh = [("data", 2), ("fsdp", 2), ("tensor", 2)]
     with pytest.raises(ValueError, match=r"config\.batch_size"):
         config.resolve(cfg)
-
-
-# ---------------------------------------------------------------- two processes
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_single_process(vq_dir, shapes_data, tmp_path):
-    tok = vq_dir
-    steps = 3
-    common = ["--config", str(ROOT / "configs" / "var_shapes.py") + ":runlocal", f"--config.tokenizer_dir={tok}",
-              f"--config.total_steps={steps}", "--config.log_every=1", f"--config.ckpt_every={steps}",
-              "--config.async_ckpt=False", "--config.model.cond_drop_rate=0.0",
-              # two data shards in both runs, so the global batches do not depend on the process count
-              "--config.data.num_shards=2"]
-    env = _tiny.subprocess_env(JAX_PLATFORMS="cpu")
-    worker = str(ROOT / "tests" / "_two_process_worker.py")
-
-    # the reference: one process with two devices (same global mesh shape: data=2)
-    single = tmp_path / "single"
-    res = subprocess.run([sys.executable, worker, *common, "--workdir", str(single)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-
-    port = _free_port()
-    multi = tmp_path / "multi"
-    env1 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    procs = [
-        subprocess.Popen([sys.executable, worker, *common, "--workdir", str(multi),
-                          f"--config.distributed.coordinator_address=localhost:{port}",
-                          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
-                         cwd=ROOT, env=env1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=600)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-4000:]
-    a, b = _tiny.read_losses(single), _tiny.read_losses(multi)
-    assert sorted(a) == sorted(b) == list(range(1, steps + 1))  # one metrics line per step: only process 0 writes
-    assert all(np.isfinite(v) for v in b.values())
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-5), step

@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -42,11 +43,17 @@ class _SaidByVarjax(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if record.name == "asyncio":
-            return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+        if record.name == "asyncio":  # "Task exception ..." or "_GatheringFuture exception was never retrieved"
+            never_retrieved = message.partition("\n")[0].endswith("exception was never retrieved")
+            return not (never_retrieved and "orbax" in message + _traceback_text(record))
         if message.startswith("Metadata file does not exist"):
             return False
         return not (record.levelno >= logging.ERROR and "/orbax/" in (record.pathname or ""))
+
+
+def _traceback_text(record: logging.LogRecord) -> str:
+    exc = record.exc_info
+    return "".join(traceback.format_exception(*exc)) if exc and exc[0] else ""
 
 
 def _unraisable(unraisable, default=sys.unraisablehook) -> None:
