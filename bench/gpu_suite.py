@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from proc_memory import current_rss_bytes, peak_rss_bytes  # bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "golden"
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -124,22 +126,6 @@ def configs_common():
 def tf_modules() -> list[str]:
     """TensorFlow / TFDS modules this process has imported (the suite must import none)."""
     return sorted(m for m in sys.modules if m.split(".")[0] in TF_PREFIXES)
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def current_rss_bytes() -> int | None:
-    """Resident memory of this process now (Linux), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def device_memory() -> dict:

@@ -23,27 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
 
-
-def current_rss_bytes() -> int | None:
-    """Resident memory of this process now (Linux /proc), or None elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (``ru_maxrss`` is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from proc_memory import current_rss_bytes, peak_rss_bytes  # bench/ is the script's directory
 
 
 def memory_breakdown(var, vae, opt, forward) -> dict[str, int]:
