@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_memory import proc_bytes  # bench/ is the script's directory
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 GIB = 2**30
@@ -50,14 +52,7 @@ GIB = 2**30
 
 def mem_available() -> int | None:
     """MemAvailable of the machine in bytes (Linux), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def tree_rss(pid: int) -> int:
@@ -65,12 +60,8 @@ def tree_rss(pid: int) -> int:
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
+        total += proc_bytes(f"/proc/{p}/status", "VmRSS") or 0
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-                        break
             for tid in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{tid}/children") as f:
                     todo += [int(c) for c in f.read().split()]

@@ -122,16 +122,13 @@ def test_asyncio_reports_of_a_failed_checkpoint_write_are_not_printed(first_line
     # the future gathering them, whichever the garbage collector finalises at exit) would follow it.
     import logging
 
+    from varjax.core import checkpoint
+
     orbax_record = logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, first_line + "\nfuture: <"
                                      "exception=ValueError('writing run/checkpoints/4.orbax-checkpoint-tmp')>", None,
                                      None)
     other = logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, first_line + "\nfuture: <mine>", None,
                               None)
-    assert not checkpoint_filter().filter(orbax_record)
-    assert checkpoint_filter().filter(other)
-
-
-def checkpoint_filter():
-    from varjax.core import checkpoint
-
-    return checkpoint._SaidByVarjax()
+    keep = checkpoint._SaidByVarjax().filter
+    assert not keep(orbax_record)
+    assert keep(other)
