@@ -5,14 +5,13 @@
 
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from tests import _tiny
 from varjax.core.model_dir import ModelBundle
-from varjax.models.var import VAR, VARConfig
-from varjax.models.vqvae import VQVAE, VQVAEConfig
+from varjax.models.var import VARConfig
+from varjax.models.vqvae import VQVAEConfig
 from varjax.sampling.var import SampleOptions
 
 CLASSES = np.asarray([3, 7], np.int32)
@@ -26,10 +25,7 @@ def tiny_bundle() -> ModelBundle:
                           using_mid_sa=False, patch_nums=pn, num_groups=4)
     var_cfg = VARConfig(depth=1, embed_dim=32, num_heads=2, num_classes=10, vocab_size=32, Cvae=8, patch_nums=pn,
                         init_head=1.0)
-    vae = VQVAE(vae_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), method=VQVAE.init_all)["params"]
-    x = jnp.zeros((1, var_cfg.L - 1, 8))
-    var = VAR(var_cfg).init(jax.random.PRNGKey(1), jnp.zeros((1,), jnp.int32), x, method=VAR.init_all)["params"]
-    return ModelBundle("var", vae_cfg, nn.unbox(vae), var_cfg, nn.unbox(var))
+    return ModelBundle("var", vae_cfg, _tiny.vq_params(vae_cfg, seed=0), var_cfg, _tiny.var_params(var_cfg, seed=1))
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def test_flow_loss_falls_on_a_fixed_batch():
     cfg = tiny_cfg(cond_drop_rate=0.0)
     B = 8
     x1 = jax.random.normal(jax.random.PRNGKey(3), (B, 8, 8, cfg.Cvae))
-    ex = msf.training_example(x1, PNS, cfg.windows, jax.random.PRNGKey(4))
+    ex = jax.jit(lambda x, r: msf.training_example(x, PNS, cfg.windows, r))(x1, jax.random.PRNGKey(4))
     lab = jnp.arange(B) % 6
     params = init_params(cfg)
     tx = optax.adam(2e-3)
@@ -275,6 +275,7 @@ def test_imagenet_configs_build_var_sized_models(depth):
 # ---------------------------------------------------------------- coherent flow net ("dit") and stage inputs
 
 
+@functools.partial(jax.jit, static_argnames=("seed", "scale"))
 def _perturbed(params, seed=11, scale=0.05):
     """Parameters moved off their initialisation (zero-initialised outputs would hide every difference)."""
     leaves, tdef = jax.tree.flatten(params)
@@ -292,13 +293,19 @@ def test_mlp_option_is_unchanged():
     assert cfg.flow_net == "mlp" and cfg.stage_input == "noisy"
     params = _perturbed(init_params(cfg))
     assert "head" in params and "flow" not in params
-    x1 = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, cfg.Cvae))
-    ex = msf.training_example(x1, PNS, cfg.windows, jax.random.PRNGKey(4))
-    v = ECAR(cfg).apply({"params": params}, jnp.arange(4), ex["x_in"], ex["x_t"], ex["t"], train=True,
-                        rngs={"dropout": jax.random.PRNGKey(5)})
+
+    @jax.jit  # one program each: op by op, the forward and the sampler compile hundreds of small ones
+    def forward(params):
+        x1 = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, cfg.Cvae))
+        ex = msf.training_example(x1, PNS, cfg.windows, jax.random.PRNGKey(4))
+        return ECAR(cfg).apply({"params": params}, jnp.arange(4), ex["x_in"], ex["x_t"], ex["t"], train=True,
+                               rngs={"dropout": jax.random.PRNGKey(5)})
+
+    v = forward(params)
     assert float(v.sum()) == pytest.approx(-29.342463, rel=1e-4, abs=1e-3)
     assert float(jnp.abs(v).sum()) == pytest.approx(410.17337, rel=1e-4)
-    lat = generate_latent(cfg, FlowSampleOptions(cfg=2.0, steps=3), params, jnp.arange(4), jax.random.PRNGKey(7))
+    sample = jax.jit(lambda p, lab, r: generate_latent(cfg, FlowSampleOptions(cfg=2.0, steps=3), p, lab, r))
+    lat = sample(params, jnp.arange(4), jax.random.PRNGKey(7))
     assert float(jnp.abs(lat).sum()) == pytest.approx(851.77997, rel=1e-4)
     assert float(lat[1, 3, 5, 2]) == pytest.approx(-2.1797547, rel=1e-4)
 
@@ -393,12 +400,18 @@ def test_clean_stage_input_trains_on_its_own_estimates():
     cfg = tiny_cfg(flow_net="dit", head_width=32, stage_input="clean")
     params = _perturbed(init_params(cfg))
     x1 = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, cfg.Cvae))
-    ex = msf.training_example(x1, PNS, cfg.windows, jax.random.PRNGKey(4))
+    ex = jax.jit(lambda x, r: msf.training_example(x, PNS, cfg.windows, r))(x1, jax.random.PRNGKey(4))
     m = ECAR(cfg)
     lab = jnp.arange(2)
-    est = m.apply({"params": params}, lab, ex["x_in_clean"], ex["x_end"], method=ECAR.clean_inputs)
+
+    @jax.jit
+    def both_ways(params):
+        """The training forward, and the same velocity from the estimates computed separately."""
+        est = m.apply({"params": params}, lab, ex["x_in_clean"], ex["x_end"], method=ECAR.clean_inputs)
+        v = m.apply({"params": params}, lab, ex["x_in_clean"], ex["x_t"], ex["t"], x_end_BLCv=ex["x_end"])
+        z = m.apply({"params": params}, lab, est, method=ECAR.conditions)
+        return est, v, m.apply({"params": params}, z, ex["x_t"], ex["t"], lab, method=ECAR.velocity)
+
+    est, v, ref = both_ways(params)
     assert est.shape == ex["x_in_clean"].shape and not np.allclose(est, ex["x_in_clean"], atol=1e-3)
-    v = m.apply({"params": params}, lab, ex["x_in_clean"], ex["x_t"], ex["t"], x_end_BLCv=ex["x_end"])
-    z = m.apply({"params": params}, lab, est, method=ECAR.conditions)
-    ref = m.apply({"params": params}, z, ex["x_t"], ex["t"], lab, method=ECAR.velocity)
     np.testing.assert_allclose(np.asarray(v), np.asarray(ref), atol=1e-5)

@@ -139,7 +139,8 @@ def tiny_vae_cfg(patch_nums=PATCH_NUMS_256, vocab=4096):
 
 
 def init_params(model, *args, method):
-    return model.init(jax.random.PRNGKey(0), *args, method=method)["params"]
+    # one compiled program: run op by op, an init dispatches (and compiles) hundreds of small ones
+    return jax.jit(lambda *a: model.init(jax.random.PRNGKey(0), *a, method=method)["params"])(*args)
 
 
 def abstract_params(model, *args, method):

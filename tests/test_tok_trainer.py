@@ -41,7 +41,7 @@ def make_task(cfg, total_steps=100):
     mesh = mesh_lib.create_mesh(plan.mesh, devices=jax.devices()[:1])
     task = tt.build(plan, mesh)
     init_fn, step_fn = train.with_ema(task.init_fn, task.step_fn, plan.ema_decay)
-    state = meta.unbox(init_fn(jax.random.PRNGKey(0)))  # parameters carry logical-axis boxes
+    state = meta.unbox(jax.jit(init_fn)(jax.random.PRNGKey(0)))  # parameters carry logical-axis boxes
     return task, jax.jit(step_fn), plan.model, state
 
 
@@ -111,7 +111,7 @@ def test_ema_bookkeeping_two_steps():
 
 
 def hits_of(vae_cfg, params, img):
-    idx = VQVAE(vae_cfg).apply({"params": params}, img, method=VQVAE.img_to_idx)
+    idx = jax.jit(lambda p, x: VQVAE(vae_cfg).apply({"params": p}, x, method=VQVAE.img_to_idx))(params, img)
     out = np.zeros((len(idx), vae_cfg.vocab_size), np.float32)
     for k, i in enumerate(idx):
         np.add.at(out[k], np.asarray(i).ravel(), 1)

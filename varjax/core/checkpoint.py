@@ -39,14 +39,15 @@ _META = "meta"
 class _SaidByVarjax(logging.Filter):
     """Drops what Orbax and TensorStore print about a failure that :class:`Checkpointer` re-raises (and the command
     reports in one paragraph): the background threads' ERROR records, asyncio's "never retrieved" record of the
-    failed write tasks, and the note that an item read as a plain directory has no metadata file of its own."""
+    failed write tasks, the note that an item read as a plain directory has no metadata file of its own, and the
+    notice that varjax's array handler (below) replaces Orbax's default one."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if record.name == "asyncio":  # "Task exception ..." or "_GatheringFuture exception was never retrieved"
             never_retrieved = message.partition("\n")[0].endswith("exception was never retrieved")
             return not (never_retrieved and "orbax" in message + _traceback_text(record))
-        if message.startswith("Metadata file does not exist"):
+        if message.startswith(("Metadata file does not exist", "Type handler registry type")):
             return False
         return not (record.levelno >= logging.ERROR and "/orbax/" in (record.pathname or ""))
 
@@ -67,6 +68,17 @@ def _unraisable(unraisable, default=sys.unraisablehook) -> None:
 for _name in ("absl", "asyncio"):
     logging.getLogger(_name).addFilter(_SaidByVarjax())
 sys.unraisablehook = _unraisable
+
+# Replica-parallel saving splits each replicated array into one slice per replica, written side by side. For a
+# small array the split costs more than it saves: a write per replica instead of one, and in every process a
+# slicing program compiled for each distinct shape (hundreds for a model's biases and norms). Arrays whose slice
+# would be under REPLICA_PARALLEL_MIN_BYTES are written whole by their first replica; large weights still split.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES),
+    override=True,
+)
 
 
 def _reason(e: BaseException) -> str:
