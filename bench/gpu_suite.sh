@@ -65,8 +65,10 @@ if [ "$smoke" = 1 ]; then
   box=([env]=6 [attention]=13 [golden]=13 [remat]=19 [train]=9 [official_train]=6 [sample]=12 [official_sample]=6)
   mode=(--smoke)
   export JAX_PLATFORMS=cpu
-  # tiny shapes: compile time is the run time, so LLVM's optimisations are off (the smoke run's timings mean nothing)
+  # tiny shapes: compile time is the run time, so LLVM's optimisations and the MLIR fusion emitters are off (the
+  # smoke run's timings mean nothing)
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  XLA_FLAGS+=" --xla_cpu_use_fusion_emitters=false"
 else
   default_budget=540
   box=([env]=30 [attention]=45 [golden]=45 [remat]=100 [train]=80 [official_train]=35 [sample]=90 [official_sample]=30)

@@ -147,6 +147,9 @@ def base(task: str) -> ml_collections.ConfigDict:
     c.total_epochs = _typed(None, float)  # exactly one of total_{epochs,steps,examples}
     c.total_steps = _typed(None, int)
     c.total_examples = _typed(None, int)
+    # End this run after this step (saving it) while the schedule still spans the whole run: a later run with
+    # the same config resumes and continues, e.g. one queue slot of a long job (None: run to the end).
+    c.stop_at_step = _typed(None, int)
     c.mesh = tuple(DEFAULT_MESH)
     c.rules = list(RULES)  # logical axis -> mesh axis, for parameters and activations
     # Multi-process settings; None = detected from the launcher's environment (varjax.core.distributed).

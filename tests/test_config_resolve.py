@@ -70,6 +70,7 @@ def test_the_plan_holds_the_derived_values(vq_dir, tokens_cache):
     ("ema_decay", 1.0, r"config\.ema_decay=1\.0 must lie in \[0\.0, 1\.0\)"),
     ("profile_steps", (3, 1), r"profile_steps=\(3, 1\)"),
     ("total_steps", 0, "0 training steps"),
+    ("stop_at_step", 5, r"config\.stop_at_step=5 must lie in \[1, 4\]"),
     ("task", "gan", r"config\.task='gan'"),
 ])
 def test_bad_values_are_named(vq_dir, tokens_cache, field, value, match):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests import _tiny
+from varjax import cli
 from varjax.core import distributed as sharding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,19 +133,20 @@ def _losses(workdir):
     return _tiny.read_losses(workdir)  # fails when a step is logged twice: more than one process wrote it
 
 
-def _run_single_and_pair(tmp_path, command, args, devices=4):
-    """Runs ``varjax COMMAND ARGS`` once with 2*devices CPU devices and as two srun-like processes of
-    ``devices`` each; returns (single workdir, multi workdir, outputs of the two processes)."""
+def _run_single_and_pair(tmp_path, monkeypatch, capsys, command, args, devices=4):
+    """Runs ``varjax COMMAND ARGS`` once in this process (its 2*devices CPU devices) and as two srun-like processes
+    of ``devices`` each; returns (single workdir, multi workdir)."""
+    assert jax.device_count() == 2 * devices, "tests/conftest.py provides 8 virtual CPU devices"
+    for k in LAUNCH_VARS:  # a test run inside a launcher's job is still one process here
+        monkeypatch.delenv(k, raising=False)
+    single = tmp_path / "single"
+    cli.main([command, *args, "--workdir", str(single)])
+    assert f"process 0/1, {2 * devices} local devices, {2 * devices} global devices" in capsys.readouterr().out
+
     env = _tiny.subprocess_env(JAX_PLATFORMS="cpu")
     for k in LAUNCH_VARS:
         env.pop(k, None)
     cmd = [sys.executable, "-m", "varjax", command, *args]
-    single = tmp_path / "single"
-    res = subprocess.run([*cmd, "--workdir", str(single)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env={**env, "XLA_FLAGS": _tiny.xla_flags(2 * devices)})
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert f"process 0/1, {2 * devices} local devices, {2 * devices} global devices" in res.stdout
-
     port, multi = _free_port(), tmp_path / "multi"
     procs = []
     for i in range(2):
@@ -178,21 +180,22 @@ def _compare(single, multi, steps):
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
 
 
-def test_var_trainer_two_processes_from_srun_environment(vq_dir, shapes_data, tmp_path):
+def test_var_trainer_two_processes_from_srun_environment(vq_dir, shapes_data, tmp_path, monkeypatch, capsys):
     steps = 3
     args = ["--config", str(ROOT / "configs" / "var_shapes.py") + ":runlocal", f"--config.tokenizer_dir={vq_dir}",
             f"--config.total_steps={steps}", "--config.log_every=1", f"--config.ckpt_every={steps}",
             "--config.async_ckpt=False", "--config.model.cond_drop_rate=0.0", "--config.data.num_shards=2"]
-    single, multi = _run_single_and_pair(tmp_path, "train", args)
+    single, multi = _run_single_and_pair(tmp_path, monkeypatch, capsys, "train", args)
     _compare(single, multi, steps)
 
 
-def test_tokenizer_trainer_two_processes_from_srun_environment(shapes_data, tmp_path):
-    steps = 3
+def test_tokenizer_trainer_two_processes_from_srun_environment(shapes_data, tmp_path, monkeypatch, capsys):
+    # the run of tests/test_tok_trainer.py's end-to-end test (its programs come from the compilation cache)
+    steps = 2
     args = ["--config", str(ROOT / "configs" / "tokenizer_shapes.py") + ":runlocal", f"--config.total_steps={steps}",
             f"--config.ckpt_every={steps}", "--config.async_ckpt=False", "--config.data.num_shards=2",
-            f"--config.eval_every={steps}", f"--config.image_every={steps}", "--config.image_count=2"]
-    single, multi = _run_single_and_pair(tmp_path, "train-tokenizer", args)
+            f"--config.eval_every={steps}", f"--config.image_every={steps}"]
+    single, multi = _run_single_and_pair(tmp_path, monkeypatch, capsys, "train-tokenizer", args)
     _compare(single, multi, steps)
     a = {r["step"]: r for r in map(json.loads, open(single / "metrics.jsonl"))}
     b = {r["step"]: r for r in map(json.loads, open(multi / "metrics.jsonl"))}

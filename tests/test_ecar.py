@@ -177,33 +177,37 @@ def test_flops_formula_matches_xla(tiny_model, guidance):
 
 
 N_STEPS, CKPT_EVERY = 8, 2
-CONST = ["--config.opt.wpe=1.0", "--config.opt.warmup_fraction=0.0"]
+# One long schedule (constant lr) for every run, each ending where it needs to with config.stop_at_step: the runs
+# share one compiled step (see tests/test_var_trainer.py).
+LONG = 100_000
+CONST = ["--config.opt.wpe=1.0", "--config.opt.warmup_fraction=0.0", f"--config.total_steps={LONG}"]
 
 
-def ecar_cfg(tok, **over):
-    return _tiny.ecar_config(tok, opt__wpe=1.0, opt__warmup_fraction=0.0, **over)
+def ecar_cfg(tok, latents=None, **over):
+    return _tiny.ecar_config(tok, latents, opt__wpe=1.0, opt__warmup_fraction=0.0, total_steps=LONG, **over)
 
 
 @pytest.fixture(scope="module")
-def reference_losses(kl_dir, shapes_data, tmp_path_factory):
-    """An uninterrupted run on the embedded images (latent statistics measured, the encoder in the step)."""
+def reference_losses(kl_dir, latents_cache, tmp_path_factory):
+    """An uninterrupted run on a latent cache (its statistics measured at the start, then part of the state)."""
     wd = tmp_path_factory.mktemp("ref")
-    train.train(config.resolve(ecar_cfg(kl_dir, total_steps=N_STEPS, ckpt_every=CKPT_EVERY)), str(wd))
+    train.train(config.resolve(ecar_cfg(kl_dir, latents_cache, stop_at_step=N_STEPS, ckpt_every=CKPT_EVERY)), str(wd))
     return _tiny.read_losses(wd)
 
 
-def _cli(tok, wd, *extra):
+def _cli(tok, latents, wd, *extra):
     return [sys.executable, "-m", "varjax", "train", "--config", str(ROOT / "configs" / "ecar_shapes.py") + ":runlocal",
-            "--workdir", str(wd), f"--config.tokenizer_dir={tok}", "--config.log_every=1", "--config.async_ckpt=False",
-            "--config.progress_every_s=1000000.0", f"--config.ckpt_every={CKPT_EVERY}", *CONST, *extra]
+            "--workdir", str(wd), f"--config.tokenizer_dir={tok}", f"--config.latents_cache={latents}",
+            "--config.log_every=1", "--config.async_ckpt=False", "--config.progress_every_s=1000000.0",
+            f"--config.ckpt_every={CKPT_EVERY}", *CONST, *extra]
 
 
-def test_sigkill_then_resume_gives_identical_losses(kl_dir, tmp_path, reference_losses):
+def test_sigkill_then_resume_gives_identical_losses(kl_dir, latents_cache, tmp_path, reference_losses):
     from varjax.core.checkpoint import Checkpointer
 
     wd = tmp_path / "killed"
     env = _tiny.subprocess_env()
-    proc = subprocess.Popen(_cli(kl_dir, wd, "--config.total_steps=100000"), env=env, cwd=ROOT,
+    proc = subprocess.Popen(_cli(kl_dir, latents_cache, wd), env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
     try:
@@ -216,7 +220,7 @@ def test_sigkill_then_resume_gives_identical_losses(kl_dir, tmp_path, reference_
         proc.communicate()
     latest = Checkpointer(str(wd)).latest_step()
     assert latest is not None and CKPT_EVERY <= latest < N_STEPS, latest
-    res = subprocess.run(_cli(kl_dir, wd, f"--config.total_steps={N_STEPS}"), env=env, cwd=ROOT,
+    res = subprocess.run(_cli(kl_dir, latents_cache, wd, f"--config.stop_at_step={N_STEPS}"), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resumed from step {latest}" in res.stdout

@@ -49,12 +49,12 @@ def test_convert_train_resume_sample_sweep_on_gs(gcs, capsys):
     assert conv.family == "var" and jax.tree.leaves(conv.gen_params)
     assert os.listdir(cwd) == []
 
-    # train to step 2, then resume to step 4
+    # train to step 2, then resume to step 4 (one schedule of 4 steps: the two runs share their compiled step)
     vae_params = _tiny.save_vq("gs://bkt/tok")
     train = ["train", "--config", str(ROOT / "configs" / "var_shapes.py") + ":runlocal", "--workdir", "gs://bkt/run",
              "--config.tokenizer_dir=gs://bkt/tok", "--config.log_every=1", "--config.ckpt_every=2",
              "--config.async_ckpt=False"]
-    cli.main([*train, "--config.total_steps=2"])
+    cli.main([*train, "--config.total_steps=4", "--config.stop_at_step=2"])
     cli.main([*train, "--config.total_steps=4"])
     out = capsys.readouterr().out
     assert "resumed from step 2 in gs://bkt/run" in out
@@ -106,7 +106,7 @@ def test_ecar_main_train_resume_sample_on_gs(gcs, capsys):
 
     # main: tokenizer -> latent cache -> E-CAR -> samples and eval.json, every path a gs:// URL
     cli.main(["main", "--model", "ecar", "--workdir", "gs://bkt/main", "--per-class", "1", *TOK,
-              "--ecar.total_steps=2", *(f"--ecar.{a}" for a in ECAR)])
+              "--ecar.total_steps=4", "--ecar.stop_at_step=2", *(f"--ecar.{a}" for a in ECAR)])
     main = store / "bkt" / "main"
     assert {"tokenizer", "latents_train", "ecar", "samples.png", "eval.json"} <= set(os.listdir(main))
     res = json.loads((main / "eval.json").read_text())

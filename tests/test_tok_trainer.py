@@ -167,6 +167,7 @@ def test_init_from_must_match_architecture(tmp_path):
 
 
 def test_end_to_end_checkpoint_feeds_tokenize_and_var_training(shapes_data, tmp_path):
+    # (tests/test_distributed_launch.py trains this config too: one compile for both, through the cache)
     cfg = _tiny.load("tokenizer_shapes:runlocal", total_steps=2, ckpt_every=2, eval_every=2, image_every=2,
                      async_ckpt=False)
     wd = str(tmp_path / "tok")
@@ -181,7 +182,8 @@ def test_end_to_end_checkpoint_feeds_tokenize_and_var_training(shapes_data, tmp_
     tok = model_dir.load_model_dir(wd)
     assert tok.family == "vq" and not tok.is_generator and tok.tok_cfg == tt.model_config(cfg)
     img = batch_of(n=2, side=32)["image"]
-    rec = VQVAE(tok.tok_cfg).apply({"params": tok.tok_params}, img, method=VQVAE.img_to_recon)
+    rec = jax.jit(lambda p, x: VQVAE(tok.tok_cfg).apply({"params": p}, x, method=VQVAE.img_to_recon))(tok.tok_params,
+                                                                                                       img)
     assert rec.shape == img.shape and bool(jnp.all(jnp.isfinite(rec)))
 
     vcfg = _tiny.var_config(wd, total_steps=2)

@@ -105,8 +105,12 @@ def test_overfits_one_batch(vq_dir, shapes_data):
 # ---------------------------------------------------------------- resume
 
 N_STEPS, CKPT_EVERY = 8, 2
-CONST = {"opt.wpe": 1.0, "opt.warmup_fraction": 0.0}  # lr/wd independent of total_steps
-CONST_FLAGS = ["--config.opt.wpe=1.0", "--config.opt.warmup_fraction=0.0"]
+# Every run here plans the same long schedule (a constant lr and wd) and ends where it needs to with
+# config.stop_at_step: the schedule's length is a constant of the compiled step, so all of them, subprocesses
+# included, run one program (compiled once, then loaded from the compilation cache).
+LONG = 100_000
+CONST = {"opt.wpe": 1.0, "opt.warmup_fraction": 0.0, "total_steps": LONG}
+CONST_FLAGS = ["--config.opt.wpe=1.0", "--config.opt.warmup_fraction=0.0", f"--config.total_steps={LONG}"]
 
 
 def shapes_cfg(tok, **over):
@@ -121,15 +125,15 @@ def run(cfg, workdir):
 def reference_losses(vq_dir, shapes_data, tmp_path_factory):
     """Losses of an uninterrupted run of N_STEPS steps."""
     wd = tmp_path_factory.mktemp("reference")
-    run(shapes_cfg(vq_dir, total_steps=N_STEPS), wd)
+    run(shapes_cfg(vq_dir, stop_at_step=N_STEPS), wd)
     return _tiny.read_losses(wd)
 
 
 def test_resume_matches_uninterrupted(vq_dir, tmp_path, reference_losses, capsys):
     k = 4
     part = tmp_path / "part"
-    run(shapes_cfg(vq_dir, total_steps=k), part)
-    run(shapes_cfg(vq_dir, total_steps=N_STEPS), part)
+    run(shapes_cfg(vq_dir, stop_at_step=k), part)
+    run(shapes_cfg(vq_dir, stop_at_step=N_STEPS), part)
     assert f"resumed from step {k} in {part}" in capsys.readouterr().out
     got = _tiny.read_losses(part)
     assert sorted(got) == sorted(reference_losses) == list(range(1, N_STEPS + 1))
@@ -163,12 +167,10 @@ def _finalized(workdir, step):
 def test_sigkill_then_resume(vq_dir, tmp_path, reference_losses):
     from varjax.core.checkpoint import Checkpointer
 
-    # The killed run starts with a huge step budget so it is surely killed mid-run; with a constant lr/wd
-    # schedule its steps are the reference run's steps.
+    # The killed run has no stop step, so it is surely killed mid-run; its steps are the reference run's steps.
     n, k, const_flags = N_STEPS, CKPT_EVERY, CONST_FLAGS
     wd = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(vq_dir, wd, "--config.total_steps=100000", f"--config.ckpt_every={k}",
-                                 *const_flags),
+    proc = subprocess.Popen(_cli(vq_dir, wd, f"--config.ckpt_every={k}", *const_flags),
                             env=_tiny.subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
@@ -180,7 +182,7 @@ def test_sigkill_then_resume(vq_dir, tmp_path, reference_losses):
     latest = Checkpointer(str(wd)).latest_step()
     assert latest is not None and k <= latest < n, latest
 
-    res = subprocess.run(_cli(vq_dir, wd, f"--config.total_steps={n}", f"--config.ckpt_every={k}", *const_flags),
+    res = subprocess.run(_cli(vq_dir, wd, f"--config.stop_at_step={n}", f"--config.ckpt_every={k}", *const_flags),
                          env=_tiny.subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resumed from step {latest}" in res.stdout
@@ -194,7 +196,7 @@ def test_sigterm_saves_and_exits_cleanly(vq_dir, shapes_data, tmp_path):
     from varjax.core.checkpoint import Checkpointer
 
     wd = tmp_path / "term"
-    args = _cli(vq_dir, wd, "--config.total_steps=100000", "--config.ckpt_every=100000")
+    args = _cli(vq_dir, wd, "--config.ckpt_every=100000", *CONST_FLAGS)
     proc = subprocess.Popen(args, env=_tiny.subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = wd / "metrics.jsonl"
@@ -205,7 +207,7 @@ def test_sigterm_saves_and_exits_cleanly(vq_dir, shapes_data, tmp_path):
     assert "preemption signal" in out
     last_logged = max(_tiny.read_losses(wd))
     assert Checkpointer(str(wd)).latest_step() == last_logged
-    assert last_logged < 100000
+    assert last_logged < LONG
 
 
 def test_progressive_stages_follow_the_reference_schedule():

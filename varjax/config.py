@@ -420,7 +420,8 @@ class Plan:
     seed: int
     batch_size: int
     steps_per_epoch: int
-    total_steps: int
+    total_steps: int  # the length of the schedule
+    stop_step: int  # where this run ends: config.stop_at_step, else total_steps
     warmup_steps: int
     peak_lr: float
     mesh: tuple[tuple[str, int], ...]  # axis sizes, -1 filled for the device count
@@ -481,6 +482,10 @@ def resolve(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, p
     total = steps_from(cfg, "total", steps_per_epoch=data.steps_per_epoch, examples_per_step=cfg.batch_size)
     if total < 1:
         raise ValueError(f"config gives {total} training steps; set total_steps / total_epochs / total_examples > 0.")
+    stop = total if cfg.stop_at_step is None else int(cfg.stop_at_step)
+    if not 1 <= stop <= total:
+        raise ValueError(f"config.stop_at_step={cfg.stop_at_step} must lie in [1, {total}] (the run's {total} steps); "
+                         "leave it unset to train to the end.")
     warmup = steps_from(cfg.opt, "warmup", steps_per_epoch=data.steps_per_epoch, examples_per_step=cfg.batch_size,
                         total_steps=total)
     sizes = mesh_lib.mesh_shape(cfg.mesh, num_devices)
@@ -504,6 +509,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, p
         batch_size=int(cfg.batch_size),
         steps_per_epoch=data.steps_per_epoch,
         total_steps=int(total),
+        stop_step=stop,
         warmup_steps=int(warmup),
         peak_lr=float(derived.peak_lr),
         mesh=tuple(sizes.items()),

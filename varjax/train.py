@@ -31,11 +31,11 @@ from varjax.models import families
 
 # Fields a run may change and still resume: they change how long it runs and what it reports, not its state.
 SAFE_TO_CHANGE = (
-    "total_steps", "total_epochs", "total_examples", "log_every", "ckpt_every", "keep_ckpts", "async_ckpt",
-    "eval_every", "progress_every_s", "image_every", "image_count", "profile_steps", "profile_all_processes",
-    "peak_tflops", "compile_cache", "tokenizer_dir", "data.tokens_cache", "latents_cache", "data.data_dir",
-    "data.manual_dir", "data.folder", "init_from", "distributed.coordinator_address", "distributed.num_processes",
-    "distributed.process_id",
+    "total_steps", "total_epochs", "total_examples", "stop_at_step", "log_every", "ckpt_every", "keep_ckpts",
+    "async_ckpt", "eval_every", "progress_every_s", "image_every", "image_count", "profile_steps",
+    "profile_all_processes", "peak_tflops", "compile_cache", "tokenizer_dir", "data.tokens_cache", "latents_cache",
+    "data.data_dir", "data.manual_dir", "data.folder", "init_from", "distributed.coordinator_address",
+    "distributed.num_processes", "distributed.process_id",
 )
 
 
@@ -198,8 +198,9 @@ def train(plan: config.Plan, workdir: str) -> dict:
                 key = families.get(family).key or model_dir.TOKENIZER_KEY
                 state = _init_from(state, cfg.init_from, key, family, plan.model, shardings)
             start = 0
+            stop = f", stopping after step {plan.stop_step}" if plan.stop_step < plan.total_steps else ""
             print(f"[{name}] fresh run: {mesh_lib.param_count(state['params']):,} trainable params, "
-                  f"{plan.total_steps} steps", flush=True)
+                  f"{plan.total_steps} steps{stop}", flush=True)
         if is_primary:
             model_dir.write_manifest(workdir, task.manifest)
         last = _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer, profiler, start, name)
@@ -236,7 +237,7 @@ def _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer, 
         return compiled[key]
 
     is_preempted = checkpoint.install_preemption_handler()
-    progress = metrics.Progress(plan.total_steps, start, every_s=cfg.progress_every_s, batch_size=plan.batch_size)
+    progress = metrics.Progress(plan.stop_step, start, every_s=cfg.progress_every_s, batch_size=plan.batch_size)
     peak = devices.peak_flops(jax.devices()[0], cfg.peak_tflops)
     last: dict = {}
     t_log, n_log = time.time(), 0
@@ -250,7 +251,7 @@ def _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer, 
             saved_step = step
 
     step = start
-    while step < plan.total_steps:
+    while step < plan.stop_step:
         local = next(train_iter)
         if task.batch_extras is not None:
             local = task.batch_extras(step, local)
@@ -263,7 +264,7 @@ def _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer, 
         step += 1
         profiler.after(step, state)
         n_log += 1
-        on_ckpt = step % cfg.ckpt_every == 0 or step == plan.total_steps
+        on_ckpt = step % cfg.ckpt_every == 0 or step == plan.stop_step
         if step % cfg.log_every == 0 or on_ckpt or step == start + 1:
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not math.isfinite(m["loss"]):
@@ -287,7 +288,7 @@ def _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer, 
             t_log, n_log = time.time(), 0
         progress.update(step, last)
         if on_ckpt:
-            save(step, force=step == plan.total_steps)
+            save(step, force=step == plan.stop_step)
         if is_preempted() or ckpt.reached_preemption(step):
             print(f"[{name}] preemption signal: saving step {step} and exiting", flush=True)
             save(step, force=True)
