@@ -170,6 +170,16 @@ def load(spec: str, **over):
 
 QUIET = dict(async_ckpt=False, progress_every_s=1e9)  # synchronous saves, no progress lines
 
+# Runs that are compared with each other (resumed against uninterrupted, killed against whole) plan this one long
+# schedule with a constant lr and wd, each ending where it needs to with config.stop_at_step: the schedule's length
+# is a constant of the compiled step, so all of them, subprocesses included, build one program.
+ONE_SCHEDULE = {"opt.wpe": 1.0, "opt.warmup_fraction": 0.0, "total_steps": 100_000}
+
+
+def flags(fields: dict) -> list[str]:
+    """``--config.FIELD=VALUE`` command-line flags of ``{"a.b": value}``."""
+    return [f"--config.{k}={v}" for k, v in fields.items()]
+
 
 def read_losses(workdir) -> dict[int, float]:
     """``{step: loss}`` of ``WORKDIR/metrics.jsonl``; fails if a step is logged twice (two writers)."""

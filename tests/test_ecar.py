@@ -177,14 +177,11 @@ def test_flops_formula_matches_xla(tiny_model, guidance):
 
 
 N_STEPS, CKPT_EVERY = 8, 2
-# One long schedule (constant lr) for every run, each ending where it needs to with config.stop_at_step: the runs
-# share one compiled step (see tests/test_var_trainer.py).
-LONG = 100_000
-CONST = ["--config.opt.wpe=1.0", "--config.opt.warmup_fraction=0.0", f"--config.total_steps={LONG}"]
+CONST = _tiny.flags(_tiny.ONE_SCHEDULE)  # one program for the runs of the kill test
 
 
 def ecar_cfg(tok, latents=None, **over):
-    return _tiny.ecar_config(tok, latents, opt__wpe=1.0, opt__warmup_fraction=0.0, total_steps=LONG, **over)
+    return _tiny.set_fields(_tiny.ecar_config(tok, latents), **_tiny.ONE_SCHEDULE, **over)
 
 
 @pytest.fixture(scope="module")

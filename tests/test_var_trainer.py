@@ -105,12 +105,8 @@ def test_overfits_one_batch(vq_dir, shapes_data):
 # ---------------------------------------------------------------- resume
 
 N_STEPS, CKPT_EVERY = 8, 2
-# Every run here plans the same long schedule (a constant lr and wd) and ends where it needs to with
-# config.stop_at_step: the schedule's length is a constant of the compiled step, so all of them, subprocesses
-# included, run one program (compiled once, then loaded from the compilation cache).
-LONG = 100_000
-CONST = {"opt.wpe": 1.0, "opt.warmup_fraction": 0.0, "total_steps": LONG}
-CONST_FLAGS = ["--config.opt.wpe=1.0", "--config.opt.warmup_fraction=0.0", f"--config.total_steps={LONG}"]
+CONST = _tiny.ONE_SCHEDULE  # one program for every run of this file
+CONST_FLAGS = _tiny.flags(CONST)
 
 
 def shapes_cfg(tok, **over):
@@ -207,7 +203,7 @@ def test_sigterm_saves_and_exits_cleanly(vq_dir, shapes_data, tmp_path):
     assert "preemption signal" in out
     last_logged = max(_tiny.read_losses(wd))
     assert Checkpointer(str(wd)).latest_step() == last_logged
-    assert last_logged < LONG
+    assert last_logged < CONST["total_steps"]
 
 
 def test_progressive_stages_follow_the_reference_schedule():
