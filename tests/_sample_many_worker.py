@@ -1,6 +1,9 @@
 """One process of a multi-process ``sample_many`` run on CPU (gloo collectives), and the tiny test model.
 
-    python tests/_sample_many_worker.py OUT COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID
+    python tests/_sample_many_worker.py MODEL_DIR OUT COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID
+
+MODEL_DIR holds ``tiny_bundle()`` as the test wrote it: the processes load it instead of initialising the model
+themselves (no init program to compile in each).
 """
 
 import sys
@@ -29,9 +32,11 @@ def tiny_bundle() -> ModelBundle:
 
 
 if __name__ == "__main__":
-    out, address, n, pid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    model_dir, out, address, n, pid = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
+    from varjax.core.model_dir import load_model_dir
     from varjax.eval.sample_many import sample_many
 
-    sample_many(tiny_bundle(), out, classes=CLASSES, per_class=5, opts=OPTS, seed=0, batch_size=8)
+    bundle = load_model_dir(model_dir, need_generator=True)
+    sample_many(bundle, out, classes=CLASSES, per_class=5, opts=OPTS, seed=0, batch_size=8)

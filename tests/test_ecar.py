@@ -17,7 +17,7 @@ import pytest
 from flax.core import meta
 
 from tests import _tiny
-from varjax import config, train
+from varjax import cli, config, train
 from varjax.models import multistage_flow as msf
 from varjax.models.ecar import ECAR, ECARConfig
 from varjax.sampling.ecar import FlowSampleOptions, generate_latent, make_sampler, sampling_flops
@@ -157,17 +157,23 @@ def test_sampler_is_one_compiled_program(tiny_model):
     assert np.all(np.isfinite(np.asarray(img1))) and not np.allclose(img1, img2)
 
 
+def _xla_flops(fn, *args) -> float:
+    """XLA's FLOP count of ``fn(*args)`` as lowered: the optimised program's count less a few per cent of fused
+    element-wise work, without compiling it."""
+    cost = fn.lower(*args).cost_analysis()
+    return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+
+
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_flops_formula_matches_xla(tiny_model, guidance):
     _, _, cfg, params = tiny_model
     opts = FlowSampleOptions(cfg=guidance, steps=4)
     B = 4
-    f = jax.jit(lambda p, lab, r: generate_latent(cfg, opts, p, lab, r))
-    cost = f.lower(params, jnp.zeros((B,), jnp.int32), jax.random.PRNGKey(0)).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    cost = _xla_flops(jax.jit(lambda p, lab, r: generate_latent(cfg, opts, p, lab, r)), params,
+                      jnp.zeros((B,), jnp.int32), jax.random.PRNGKey(0))
     formula = sampling_flops(cfg, opts, B)
     # XLA also counts the element-wise work (norms, AdaLN, softmax, noise) the matmul formula leaves out
-    assert formula["total"] <= cost["flops"] <= 1.05 * formula["total"], (cost["flops"], formula)
+    assert formula["total"] <= cost <= 1.06 * formula["total"], (cost, formula)
     # the stage schedule: one full-resolution stage with the same evaluations costs S * 64 / 85 times more head
     single = sampling_flops(tiny_cfg(patch_nums=(8,)), FlowSampleOptions(guidance, steps=4 * len(PNS)), B)
     assert single["flow_head"] / formula["flow_head"] == pytest.approx(len(PNS) * 64 / 85, rel=1e-6)
@@ -199,7 +205,7 @@ def _cli(tok, latents, wd, *extra):
             f"--config.ckpt_every={CKPT_EVERY}", *CONST, *extra]
 
 
-def test_sigkill_then_resume_gives_identical_losses(kl_dir, latents_cache, tmp_path, reference_losses):
+def test_sigkill_then_resume_gives_identical_losses(kl_dir, latents_cache, tmp_path, reference_losses, capsys):
     from varjax.core.checkpoint import Checkpointer
 
     wd = tmp_path / "killed"
@@ -217,10 +223,10 @@ def test_sigkill_then_resume_gives_identical_losses(kl_dir, latents_cache, tmp_p
         proc.communicate()
     latest = Checkpointer(str(wd)).latest_step()
     assert latest is not None and CKPT_EVERY <= latest < N_STEPS, latest
-    res = subprocess.run(_cli(kl_dir, latents_cache, wd, f"--config.stop_at_step={N_STEPS}"), env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert f"resumed from step {latest}" in res.stdout
+    # the rerun, as `varjax train` in this process (its step program comes from the compilation cache)
+    capsys.readouterr()
+    cli.main(_cli(kl_dir, latents_cache, wd, f"--config.stop_at_step={N_STEPS}")[3:])
+    assert f"resumed from step {latest}" in capsys.readouterr().out
     got = _tiny.read_losses(wd)
     assert sorted(got) == sorted(reference_losses) == list(range(1, N_STEPS + 1))
     for s in got:
@@ -372,12 +378,11 @@ def test_coherent_flow_sampler_is_one_compiled_program(tiny_model, stage_input):
     assert fn._cache_size() == 1
     assert img1.shape == (4, 32, 32, 3) and lat1.shape == (4, 8, 8, 4)
     assert np.all(np.isfinite(np.asarray(lat1))) and not np.allclose(img1, img2)
-    # XLA's count of the compiled sampler agrees with the analytic formula (clean: one more eval per stage end)
-    f = jax.jit(lambda p, lab, r: generate_latent(cfg, opts, p, lab, r))
-    cost = f.lower(params, lab, jax.random.PRNGKey(0)).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    # XLA's count of the sampler agrees with the analytic formula (clean: one more eval per stage end)
+    cost = _xla_flops(jax.jit(lambda p, lab, r: generate_latent(cfg, opts, p, lab, r)), params, lab,
+                      jax.random.PRNGKey(0))
     formula = sampling_flops(cfg, opts, 4)
-    assert formula["total"] <= cost["flops"] <= 1.06 * formula["total"], (cost["flops"], formula)
+    assert formula["total"] <= cost <= 1.08 * formula["total"], (cost, formula)
 
 
 def test_clean_estimate_is_exact_for_the_teacher_velocity():

@@ -130,9 +130,9 @@ def test_ecar_main_train_resume_sample_on_gs(gcs, capsys):
     assert os.listdir(cwd) == []
 
     # sample from the resumed workdir
-    cli.main(["sample", "--ckpt", "gs://bkt/main/ecar", "--labels", "0,5", "--out", "gs://bkt/e.png",
+    cli.main(["sample", "--ckpt", "gs://bkt/main/ecar", "--labels", "0,1,2,3,4,5", "--out", "gs://bkt/e.png",
               "--save-npz", "gs://bkt/e.npz"])
     with np.load(store / "bkt" / "e.npz") as z:
-        assert z["images"].shape == (2, 32, 32, 3) and z["latents"].shape == (2, 8, 8, 4)
+        assert z["images"].shape == (6, 32, 32, 3) and z["latents"].shape == (6, 8, 8, 4)
     assert (store / "bkt" / "e.png").read_bytes()[:4] == b"\x89PNG"
     assert os.listdir(cwd) == []

@@ -14,6 +14,7 @@ from PIL import Image
 from tests import _tiny
 from tests._sample_many_worker import CLASSES, OPTS, tiny_bundle
 from varjax.cli import main
+from varjax.core.model_dir import save_model_dir
 from varjax.data.images import to_uint8
 from varjax.eval.sample_many import parse_classes, read_extra, sample_many
 
@@ -115,15 +116,18 @@ def test_parse_classes():
         parse_classes("5", 4)
 
 
-def test_two_processes_equal_one(full_run, tmp_path):
+def test_two_processes_equal_one(bundle, full_run, tmp_path):
     """2 processes x 4 devices: each hands in its share of every batch and writes its rows."""
+    model = tmp_path / "model"  # the processes load the module's model (float32 parameters: saved exactly)
+    save_model_dir(model, "var", bundle.tok_cfg, bundle.tok_params, bundle.gen_cfg, bundle.gen_params)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = _tiny.subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS=_tiny.xla_flags(4))
     worker = str(ROOT / "tests" / "_sample_many_worker.py")
-    procs = [subprocess.Popen([sys.executable, worker, str(tmp_path), f"localhost:{port}", "2", str(i)], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    argv = [sys.executable, worker, str(model), str(tmp_path / "run"), f"localhost:{port}", "2"]
+    procs = [subprocess.Popen([*argv, str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
     outs = []
     try:
         for p in procs:
@@ -134,12 +138,13 @@ def test_two_processes_equal_one(full_run, tmp_path):
                 p.kill()
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-4000:]
-    assert sorted(f.name for f in (tmp_path / "chunks").iterdir()) == [
+    run = tmp_path / "run"
+    assert sorted(f.name for f in (run / "chunks").iterdir()) == [
         f"c{c:06d}.p{p:03d}.npz" for c in range(2) for p in range(2)]
-    np.testing.assert_array_equal(read_extra(tmp_path), read_extra(full_run[0]))
-    a, b = np.load(tmp_path / "samples.npz")["arr_0"].astype(int), np.load(full_run[1].npz)["arr_0"].astype(int)
+    np.testing.assert_array_equal(read_extra(run), read_extra(full_run[0]))
+    a, b = np.load(run / "samples.npz")["arr_0"].astype(int), np.load(full_run[1].npz)["arr_0"].astype(int)
     assert np.abs(a - b).max() <= 1
-    np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_1"], [3] * 5 + [7] * 5)
+    np.testing.assert_array_equal(np.load(run / "samples.npz")["arr_1"], [3] * 5 + [7] * 5)
 
 
 def test_ecar_samples_carry_their_latents(tmp_path):

@@ -93,10 +93,13 @@ def test_discriminator_and_adaptive_weight_after_disc_start():
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
 
 
+# The EMA and usage tests train one program (both decays set), the loss test another (no EMA).
+BOOKKEEPING = dict(ema_decay=0.9, usage_decay=0.5)
+
+
 def test_ema_bookkeeping_two_steps():
-    d = 0.9
-    cfg = tiny_cfg(ema_decay=d)
-    task, step, _, state = make_task(cfg)
+    d = BOOKKEEPING["ema_decay"]
+    task, step, _, state = make_task(tiny_cfg(**BOOKKEEPING))
     p0 = np.asarray(state["params"]["decoder"]["conv_out"]["bias"])
     s1, _ = step(state, batch_of(seed=1), task.frozen)
     p1 = np.asarray(s1["params"]["decoder"]["conv_out"]["bias"])
@@ -119,8 +122,8 @@ def hits_of(vae_cfg, params, img):
 
 
 def test_usage_bookkeeping_against_hand_counted_hits():
-    u = 0.5
-    cfg = tiny_cfg(usage_decay=u)
+    u = BOOKKEEPING["usage_decay"]
+    cfg = tiny_cfg(**BOOKKEEPING)
     task, step, vae_cfg, state = make_task(cfg)
     b1, b2 = batch_of(seed=3), batch_of(seed=4)
     h1 = hits_of(vae_cfg, state["params"], b1["image"])
