@@ -29,6 +29,6 @@ setup(
         "absl-py",
         "importlib_resources",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"], "tpu": ["libtpu"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6"], "tpu": ["libtpu"]},
     entry_points={"console_scripts": ["varjax=varjax.cli:main"]},
 )

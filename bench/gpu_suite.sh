@@ -68,7 +68,7 @@ if [ "$smoke" = 1 ]; then
   # tiny shapes: compile time is the run time, so LLVM's optimisations and the MLIR fusion emitters are off (the
   # smoke run's timings mean nothing)
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-  XLA_FLAGS+=" --xla_cpu_use_fusion_emitters=false"
+  XLA_FLAGS+=" --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
 else
   default_budget=540
   box=([env]=30 [attention]=45 [golden]=45 [remat]=100 [train]=80 [official_train]=35 [sample]=90 [official_sample]=30)

@@ -19,10 +19,12 @@ NUM_CLASSES = 6  # varjax_shapes
 # The tests' programs are tiny and run a few steps: compiling them (LLVM's optimisation passes, and the MLIR fusion
 # emitters, which take half the compile time of a train step) costs far more than running them, so every test
 # process, subprocesses included, compiles with the backend's cheapest settings: no LLVM optimisation, the older
-# elemental emitters for fusions. XLA's rewrites of the program are the same and fast-math stays off, so results
-# agree with the default build to float rounding, well within every tolerance the tests compare with.
+# elemental emitters for fusions, and the generated code in one LLVM module (split for parallel code generation,
+# a program costs 10-20% more CPU time to compile, and the suite keeps both cores busy anyway). XLA's rewrites of
+# the program are the same and fast-math stays off, so results agree with the default build to float rounding,
+# well within every tolerance the tests compare with.
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false")
+                "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
 
 
 def xla_flags(devices: int) -> str:

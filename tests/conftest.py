@@ -95,9 +95,10 @@ def _no_pending_preemption():
 
 # The slowest files (CPU seconds on 2 cores) start first: pytest-xdist hands whole files to its workers in collection
 # order, and a slow file started last would run alone at the end of the suite.
-SLOW_FIRST = ("test_ecar.py", "test_distributed_launch.py", "test_remote_paths.py", "test_var_trainer.py",
-              "test_tok_trainer.py", "test_sample_many.py", "test_sweep.py", "test_gpu_suite.py", "test_inception.py",
-              "test_no_tensorflow.py", "test_failures.py", "test_sample.py")
+SLOW_FIRST = ("test_ecar.py", "test_distributed_launch.py", "test_remote_paths.py", "test_tok_trainer.py",
+              "test_var_trainer.py", "test_sample_many.py", "test_sweep.py", "test_no_tensorflow.py",
+              "test_gpu_suite.py", "test_inception.py", "test_sample.py", "test_failures.py",
+              "test_trainer_features.py", "test_legacy.py", "test_golden.py", "test_cli.py")
 
 
 def pytest_collection_modifyitems(items):
