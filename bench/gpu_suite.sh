@@ -69,6 +69,7 @@ if [ "$smoke" = 1 ]; then
   # smoke run's timings mean nothing)
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
   XLA_FLAGS+=" --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+  export JAX_TRACEBACK_IN_LOCATIONS_LIMIT=0  # no stack frames in the programs' metadata: faster compiles
 else
   default_budget=540
   box=([env]=30 [attention]=45 [golden]=45 [remat]=100 [train]=80 [official_train]=35 [sample]=90 [official_sample]=30)

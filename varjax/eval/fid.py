@@ -41,10 +41,11 @@ def _clip_rounding(w_D: np.ndarray) -> np.ndarray:
     return np.where(w_D > tol, w_D, 0.0)
 
 
-def _psd_sqrt(sym_DD: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric PSD matrix."""
+def _psd_factor(sym_DD: np.ndarray) -> np.ndarray:
+    """B (D, K) with B B^T = sym_DD (symmetric PSD), over its K eigenvalues above rounding level."""
     w, v = np.linalg.eigh((sym_DD + sym_DD.T) / 2)
-    return (v * np.sqrt(_clip_rounding(w))) @ v.T
+    keep = _clip_rounding(w) > 0
+    return v[:, keep] * np.sqrt(w[keep])
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -53,14 +54,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     tr((S1 S2)^1/2) = tr((S1^1/2 S2 S1^1/2)^1/2), and the inner matrix is symmetric PSD, so two symmetric
     eigen-decompositions in float64 replace ``scipy.linalg.sqrtm`` of a non-symmetric product: no complex
     parts and no eps offset, even with fewer samples than dimensions (rank-deficient covariances);
-    eigenvalues at rounding level count as 0.
+    eigenvalues at rounding level count as 0. With S1 = V diag(w) V^T over its K nonzero eigenvalues and
+    B = V diag(w)^1/2, S1^1/2 S2 S1^1/2 = V (B^T S2 B) V^T has the nonzero eigenvalues of the (K, K) matrix
+    B^T S2 B: K is the sample count less one when there are fewer samples than dimensions.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
         raise ValueError(f"statistics differ in size: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
-    r1 = _psd_sqrt(s1)
-    inner = r1 @ s2 @ r1
+    b1 = _psd_factor(s1)
+    inner = b1.T @ s2 @ b1
     tr_covmean = np.sqrt(_clip_rounding(np.linalg.eigvalsh((inner + inner.T) / 2))).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
