@@ -135,6 +135,10 @@ def test_resume_matches_uninterrupted(vq_dir, tmp_path, reference_losses, capsys
     assert sorted(got) == sorted(reference_losses) == list(range(1, N_STEPS + 1))
     for s in range(1, N_STEPS + 1):
         assert got[s] == pytest.approx(reference_losses[s], abs=1e-6), s
+    # a rerun whose stop lies behind the saved step says so and trains nothing
+    run(shapes_cfg(vq_dir, stop_at_step=k), part)
+    assert f"step {N_STEPS} is at or past this run's last step ({k}): nothing to train" in capsys.readouterr().out
+    assert _tiny.read_losses(part) == got
 
 
 def _cli(tok, workdir, *extra):

@@ -186,11 +186,15 @@ def train(plan: config.Plan, workdir: str) -> dict:
             paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
             config.save(cfg, workdir)
         writer = metrics.MetricsWriter(workdir, is_primary=is_primary)
+        stop = f", stopping after step {plan.stop_step}" if plan.stop_step < plan.total_steps else ""
         if start is not None:
             state, extra = ckpt.restore(start, abstract)
             train_iter.restore(extra["data"])
             writer.truncate_after(start)
-            print(f"[{name}] resumed from step {start} in {workdir}", flush=True)
+            print(f"[{name}] resumed from step {start} in {workdir}{stop}", flush=True)
+            if start >= plan.stop_step:
+                print(f"[{name}] step {start} is at or past this run's last step ({plan.stop_step}): nothing to "
+                      "train; raise --config.stop_at_step or --config.total_steps to continue", flush=True)
         else:
             state, _ = mesh_lib.create_sharded_state(init_fn, mesh, plan.rules, rng)
             if cfg.init_from:
@@ -198,7 +202,6 @@ def train(plan: config.Plan, workdir: str) -> dict:
                 key = families.get(family).key or model_dir.TOKENIZER_KEY
                 state = _init_from(state, cfg.init_from, key, family, plan.model, shardings)
             start = 0
-            stop = f", stopping after step {plan.stop_step}" if plan.stop_step < plan.total_steps else ""
             print(f"[{name}] fresh run: {mesh_lib.param_count(state['params']):,} trainable params, "
                   f"{plan.total_steps} steps{stop}", flush=True)
         if is_primary:
