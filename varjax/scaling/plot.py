@@ -56,7 +56,11 @@ def _draw_panel(
         ax.scatter(x, y, s=30, color="tab:blue", edgecolors="black", label="runs")
     if fit.get("alpha") is not None:
         grid = np.geomspace(x.min() / 1.5, x.max() * 1.5, 100)
-        line = (fit["beta"] * grid) ** fit["alpha"]
+        # Through the fitted points in log space: with a near-zero exponent, beta = exp(intercept / alpha)
+        # overflows or underflows, and (beta * grid) ** alpha would draw infinities.
+        alpha = fit["alpha"]
+        intercept = np.log(y[used]).mean() - alpha * np.log(x[used]).mean()
+        line = np.exp(intercept + alpha * np.log(grid))
         ax.plot(grid, line, "--", color="tab:red", label=fit_label(fit, x_key, y_key))
     else:
         ax.plot([], [], " ", label=fit_label(fit, x_key, y_key))
