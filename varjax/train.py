@@ -187,14 +187,21 @@ def train(plan: config.Plan, workdir: str) -> dict:
             config.save(cfg, workdir)
         writer = metrics.MetricsWriter(workdir, is_primary=is_primary)
         stop = f", stopping after step {plan.stop_step}" if plan.stop_step < plan.total_steps else ""
+        if start is not None and start >= plan.stop_step:
+            # Nothing to train: the state is not read back (a whole checkpoint of I/O for no step).
+            writer.truncate_after(start)
+            print(f"[{name}] resumed from step {start} in {workdir}{stop}", flush=True)
+            print(f"[{name}] step {start} is at or past this run's last step ({plan.stop_step}): nothing to "
+                  "train; raise config.stop_at_step or config.total_steps to continue", flush=True)
+            if is_primary:
+                model_dir.write_manifest(workdir, task.manifest)
+            ckpt.close()
+            return {}
         if start is not None:
             state, extra = ckpt.restore(start, abstract)
             train_iter.restore(extra["data"])
             writer.truncate_after(start)
             print(f"[{name}] resumed from step {start} in {workdir}{stop}", flush=True)
-            if start >= plan.stop_step:
-                print(f"[{name}] step {start} is at or past this run's last step ({plan.stop_step}): nothing to "
-                      "train; raise --config.stop_at_step or --config.total_steps to continue", flush=True)
         else:
             state, _ = mesh_lib.create_sharded_state(init_fn, mesh, plan.rules, rng)
             if cfg.init_from:
