@@ -67,6 +67,18 @@ def test_adm_preprocessing_resizes_as_tf1():
     np.testing.assert_allclose(np.asarray(resize_tf1_bilinear(x, 299)), ref, atol=1e-4, rtol=0)
 
 
+def test_tfds_input_reads_a_named_config_once_in_order(shapes_data):
+    from varjax.eval.inception import tfds_image_batches
+
+    count, batches = tfds_image_batches("tfds:varjax_shapes/tiny/test", 20, 16)  # NAME/CONFIG/SPLIT
+    images = np.concatenate(list(batches))
+    assert count == 48 and images.shape == (48, 16, 16, 3) and images.dtype == np.uint8
+    again = np.concatenate(list(tfds_image_batches("tfds:varjax_shapes/tiny/test", 48, 16)[1]))
+    np.testing.assert_array_equal(images, again)  # unshuffled: statistics of a split do not depend on the batch
+    with pytest.raises(ValueError, match="tfds:NAME/SPLIT"):
+        tfds_image_batches("tfds:imagenet2012", 8, 16)
+
+
 def test_missing_weights_name_the_flag(tmp_path):
     with pytest.raises(ValueError, match="--inception"):
         load_inception(None)

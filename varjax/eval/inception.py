@@ -150,10 +150,14 @@ def center_crop(img: Image.Image, size: int) -> np.ndarray:
 def tfds_image_batches(spec: str, batch: int, size: int) -> tuple[int, Iterator[np.ndarray]]:
     import tensorflow_datasets as tfds
 
-    name, _, split = spec[len("tfds:") :].partition("/")
+    from varjax.data import pipeline  # also registers varjax_shapes with TFDS
+
+    name, _, split = spec[len("tfds:") :].rpartition("/")  # a name may carry its config: varjax_shapes/32/test
     if not name or not split:
         raise ValueError(f"{spec}: expected tfds:NAME/SPLIT, e.g. tfds:imagenet2012/validation.")
+
     ds, info = tfds.load(name, split=split, with_info=True, shuffle_files=False)
+    ds = ds.with_options(pipeline.dataset_options())
     count = info.splits[split].num_examples
 
     def gen():
