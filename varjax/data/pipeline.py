@@ -251,8 +251,9 @@ def dataset_options() -> tf.data.Options:
     options.deterministic = True
     # No autotuning model: an iterator's destructor waits for the model's thread to wake from its sleep between
     # optimisations, which grows with the iterator's age. Each epoch boundary and eval pass stalled training
-    # (55 s at the main job's first epoch end; 16 s to drop an iterator 25 s old). Without it a parallel map uses
-    # every core and the main job's tokenizer batches come no slower (7,000 img/s either way on 2 cores).
+    # (55 s at the main job's first epoch end; 16 s to drop an iterator 25 s old). Without it a parallel map keeps
+    # TensorFlow's default parallelism, and the main job's tokenizer batches come no slower (7,000 img/s either
+    # way on 2 cores).
     options.autotune.enabled = False
     return options
 
