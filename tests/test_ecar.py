@@ -185,8 +185,8 @@ def test_flops_formula_matches_xla(tiny_model, guidance):
 N_STEPS, CKPT_EVERY = 8, 2
 # The kill and mesh tests train two stages (4x4, 8x8) instead of four: the same modules, sharding and stage
 # hand-over with half the unrolled copies of the flow network to trace and compile.
-TWO_STAGES = {"model.patch_nums": (4, 8)}
-CONST = _tiny.flags({**_tiny.ONE_SCHEDULE, **TWO_STAGES})  # one program for the runs of the kill test
+TWO_STAGES = (4, 8)
+CONST = _tiny.flags({**_tiny.ONE_SCHEDULE, "model.patch_nums": TWO_STAGES})  # one program for the runs of the kill test
 
 
 def ecar_cfg(tok, latents=None, **over):
@@ -198,7 +198,7 @@ def reference_losses(kl_dir, latents_cache, tmp_path_factory):
     """An uninterrupted run on a latent cache (its statistics measured at the start, then part of the state)."""
     wd = tmp_path_factory.mktemp("ref")
     cfg = ecar_cfg(kl_dir, latents_cache, stop_at_step=N_STEPS, ckpt_every=CKPT_EVERY,
-                   model__patch_nums=TWO_STAGES["model.patch_nums"])
+                   model__patch_nums=TWO_STAGES)
     train.train(config.resolve(cfg), str(wd))
     return _tiny.read_losses(wd)
 
@@ -255,7 +255,7 @@ def test_mesh_222_step_equals_one_device(kl_dir):
         # some first gradients ~1e-9; AdamW with eps 1e-8 would blow their rounding noise up to lr-sized steps of
         # either sign, so eps 1e-3 keeps the comparison on what the sharding computes.
         cfg = ecar_cfg(kl_dir, mesh=mesh, model__latent_scale=1.5, model__latent_shift=0.1, opt__eps=1e-3,
-                       model__patch_nums=TWO_STAGES["model.patch_nums"])
+                       model__patch_nums=TWO_STAGES)
         plan = _tiny.plan_without_data(cfg, num_devices=len(devices))
         mesh = sharding.create_mesh(plan.mesh, devices=devices)
         task = tasks.ecar.build(plan, mesh)

@@ -187,21 +187,12 @@ def train(plan: config.Plan, workdir: str) -> dict:
             config.save(cfg, workdir)
         writer = metrics.MetricsWriter(workdir, is_primary=is_primary)
         stop = f", stopping after step {plan.stop_step}" if plan.stop_step < plan.total_steps else ""
-        if start is not None and start >= plan.stop_step:
-            # Nothing to train: the state is not read back (a whole checkpoint of I/O for no step).
-            writer.truncate_after(start)
-            print(f"[{name}] resumed from step {start} in {workdir}{stop}", flush=True)
-            print(f"[{name}] step {start} is at or past this run's last step ({plan.stop_step}): nothing to "
-                  "train; raise config.stop_at_step or config.total_steps to continue", flush=True)
-            if is_primary:
-                model_dir.write_manifest(workdir, task.manifest)
-            ckpt.close()
-            return {}
-        if start is not None:
+        resumed = start is not None
+        if resumed and start >= plan.stop_step:
+            state = None  # nothing to train: the state is not read back (a whole checkpoint of I/O for no step)
+        elif resumed:
             state, extra = ckpt.restore(start, abstract)
             train_iter.restore(extra["data"])
-            writer.truncate_after(start)
-            print(f"[{name}] resumed from step {start} in {workdir}{stop}", flush=True)
         else:
             state, _ = mesh_lib.create_sharded_state(init_fn, mesh, plan.rules, rng)
             if cfg.init_from:
@@ -211,9 +202,16 @@ def train(plan: config.Plan, workdir: str) -> dict:
             start = 0
             print(f"[{name}] fresh run: {mesh_lib.param_count(state['params']):,} trainable params, "
                   f"{plan.total_steps} steps{stop}", flush=True)
+        if resumed:
+            writer.truncate_after(start)
+            print(f"[{name}] resumed from step {start} in {workdir}{stop}", flush=True)
+        if state is None:
+            print(f"[{name}] step {start} is at or past this run's last step ({plan.stop_step}): nothing to "
+                  "train; raise config.stop_at_step or config.total_steps to continue", flush=True)
         if is_primary:
             model_dir.write_manifest(workdir, task.manifest)
-        last = _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer, profiler, start, name)
+        last = {} if state is None else _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer,
+                                             profiler, start, name)
         ckpt.close()
         return last
     finally:
