@@ -20,6 +20,9 @@ What the transformer reads for stage s >= 1 (``ECARConfig.stage_input``):
   true coarser maps U(D_{s-1}(x1)), evaluates the flow network at every teacher-forced stage end and turns
   its velocities into x_hat; the second pass, the one trained, reads U(x_hat).
 
+The default is ``"noisy"``, chosen by measurement: on the embedded data's recipe ``"clean"`` read 72% class
+consistency and a shape distance of 1.35 against 93% and 0.99 for ``"noisy"`` (docs/ecar.md).
+
 ``depth = 0`` removes the stage-wise transformer (the condition tokens are the class and position
 embeddings alone): with one stage over [0, 1] and ``flow_net="dit"`` that is a plain DiT-style flow model.
 
