@@ -1,7 +1,7 @@
 """Peak memory of varjax and the official PyTorch VAR side by side on the CPU, as the OS sees each process.
 
     python bench/memory.py --var-repo /path/to/VAR --torch-python /path/to/torchenv/bin/python \
-        [--only step,search] [--cap-gib 16] --json memory.json
+        [--only step,search] [--warm-cache] [--cap-gib 16] --json memory.json
 
 ``step``: the peak resident memory (RSS) of the whole process for one d8 training step at batch 16 (from token
 ids, float32, the same step as bench/side_by_side.py's ``train``: varjax with scanned blocks and each remat policy
@@ -10,7 +10,9 @@ batch 8 (cfg 1.5, top-k 900, top-p 0.96, the released-shape VQVAE decode include
 alternating, each in its own process. Each process also says what its memory holds: the RSS once the models
 exist, XLA's buffer plan of the step (arguments: parameters, optimizer state, the frozen tokenizer, the batch;
 temporaries: activations and gradients) for varjax, and for the official code the bytes of its parameters,
-gradients, AdamW state and the tensors autograd saves for the backward pass.
+gradients, AdamW state and the tensors autograd saves for the backward pass. With ``--warm-cache`` each varjax
+worker is also measured a second way: run once into an empty persistent compilation cache, then again, loading
+its program from disk without compiling (as a job that restarts does), which leaves out the compiler's own memory.
 
 ``search``: the largest d16 training batch (float32) each fits in ``--cap-gib`` of memory, by doubling from
 batch 1. Each trial is its own process, runs one training step (varjax) or two (official: AdamW creates its
@@ -244,20 +246,31 @@ def compare_step(a, env: dict, logdir: str) -> dict:
     """d8 training step at batch 16 (varjax with each of ``--step-remat``) and sampling at batch 8: varjax and
     official, alternating."""
     out = {}
+    # warm: the same worker run once before into an empty persistent compilation cache, so that the measured
+    # process loads its program from disk instead of running the compiler (a resumed job's second start)
+    cache_env = dict(env, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="memory_cache_"),
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    states = ["cold", "warm"] if a.warm_cache else ["cold"]
     for what, batch in (("train", 16), ("sample", 8)):
         o = None
         for remat in a.step_remat.split(",") if what == "train" else [""]:
-            v = run_json(_varjax(a, what, 8, batch, 1, remat or "dots"), env, None, a.timeout,
-                         os.path.join(logdir, f"varjax_{what}{remat}.log"))
-            if o is None:
-                o = run_json(_official(a, what, 8, batch, 1, breakdown=what == "train"), env, None, a.timeout,
-                             os.path.join(logdir, f"official_{what}.log"))
-            ratio = v["peak_rss_bytes"] / o["peak_rss_bytes"] if o.get("peak_rss_bytes") else None
-            key = f"{what}_{remat}" if remat else what
-            out[key] = {"batch_size": batch, "remat": remat or None, "varjax": v, "official": o, "ratio": ratio}
-            print(f"[memory] d8 {what} batch {batch}{' remat ' + remat if remat else ''}: varjax "
-                  f"{v['peak_rss_bytes'] / GIB:.2f} GiB, official {o['peak_rss_bytes'] / GIB:.2f} GiB, ratio "
-                  f"{ratio:.2f}", flush=True)
+            for state in states:
+                cmd, name = _varjax(a, what, 8, batch, 1, remat or "dots"), f"varjax_{what}{remat}_{state}"
+                if state == "warm":
+                    run_json(cmd, cache_env, None, a.timeout, os.path.join(logdir, name + "_fill.log"))
+                v = run_json(cmd, cache_env if state == "warm" else env, None, a.timeout,
+                             os.path.join(logdir, name + ".log"))
+                if o is None:
+                    o = run_json(_official(a, what, 8, batch, 1, breakdown=what == "train"), env, None, a.timeout,
+                                 os.path.join(logdir, f"official_{what}.log"))
+                ratio = v["peak_rss_bytes"] / o["peak_rss_bytes"] if o.get("peak_rss_bytes") else None
+                key = "_".join(k for k in (what, remat, "warm" if state == "warm" else "") if k)
+                out[key] = {"batch_size": batch, "remat": remat or None, "compile_cache": state, "varjax": v,
+                            "official": o, "ratio": ratio}
+                print(f"[memory] d8 {what} batch {batch}{' remat ' + remat if remat else ''}"
+                      f"{', compile cache warm' if state == 'warm' else ''}: varjax "
+                      f"{v['peak_rss_bytes'] / GIB:.2f} GiB, official {o['peak_rss_bytes'] / GIB:.2f} GiB, ratio "
+                      f"{ratio:.2f}", flush=True)
     return out
 
 
@@ -293,6 +306,8 @@ def main(argv=None) -> dict:
     p.add_argument("--python", default=sys.executable, help="python of varjax's environment")
     p.add_argument("--only", default="step,search", help="comma-separated subset of step,search")
     p.add_argument("--step-remat", default="dots,full", help="varjax remat policies of the d8 step, comma-separated")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="step: also measure varjax with its programs loaded from a warm compilation cache")
     p.add_argument("--search-remat", default="dots", help="varjax remat policies to search with, comma-separated")
     p.add_argument("--cap-gib", type=float, default=16.0)
     p.add_argument("--max-batch", type=int, default=256)
