@@ -248,9 +248,9 @@ def compare_step(a, env: dict, logdir: str) -> dict:
     out = {}
     # warm: the same worker run once before into an empty persistent compilation cache, so that the measured
     # process loads its program from disk instead of running the compiler (a resumed job's second start)
-    cache_env = dict(env, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="memory_cache_"),
-                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     states = ["cold", "warm"] if a.warm_cache else ["cold"]
+    cache_env = dict(env, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="memory_cache_"),
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0") if a.warm_cache else env
     for what, batch in (("train", 16), ("sample", 8)):
         o = None
         for remat in a.step_remat.split(",") if what == "train" else [""]:
