@@ -188,8 +188,9 @@ def train(plan: config.Plan, workdir: str) -> dict:
         writer = metrics.MetricsWriter(workdir, is_primary=is_primary)
         stop = f", stopping after step {plan.stop_step}" if plan.stop_step < plan.total_steps else ""
         resumed = start is not None
-        if resumed and start >= plan.stop_step:
-            state = None  # nothing to train: the state is not read back (a whole checkpoint of I/O for no step)
+        idle = resumed and start >= plan.stop_step  # nothing to train: the state is not read back (no step needs it)
+        if idle:
+            state = None
         elif resumed:
             state, extra = ckpt.restore(start, abstract)
             train_iter.restore(extra["data"])
@@ -205,12 +206,12 @@ def train(plan: config.Plan, workdir: str) -> dict:
         if resumed:
             writer.truncate_after(start)
             print(f"[{name}] resumed from step {start} in {workdir}{stop}", flush=True)
-        if state is None:
+        if idle:
             print(f"[{name}] step {start} is at or past this run's last step ({plan.stop_step}): nothing to "
                   "train; raise config.stop_at_step or config.total_steps to continue", flush=True)
         if is_primary:
             model_dir.write_manifest(workdir, task.manifest)
-        last = {} if state is None else _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer,
+        last = {} if idle else _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer,
                                              profiler, start, name)
         ckpt.close()
         return last
