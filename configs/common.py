@@ -210,6 +210,9 @@ def tokenizer(model_type: str = "vq") -> ml_collections.ConfigDict:
     elif model_type == "kl":
         c.vae = ml_collections.ConfigDict(KLAEConfig().to_dict())
         c.kl_weight = 1e-6
+        # extra latent noise the decoder learns to remove: per example, Gaussian of a standard deviation drawn
+        # uniformly in [0, decoder_noise] times the batch's latent standard deviation (0: off)
+        c.decoder_noise = 0.0
     else:
         raise ValueError(f"config.model_type={model_type!r}: expected 'vq' or 'kl'.")
     c.require_init_from = False  # the recipe fine-tunes: config.init_from must name the tokenizer

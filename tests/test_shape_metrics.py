@@ -148,15 +148,21 @@ def _fake_samples(n_per_class: int) -> tuple[np.ndarray, np.ndarray]:
     return imgs, np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), n_per_class)
 
 
-def test_var_eval_reports_the_distribution_metric(monkeypatch):
-    """The wiring of ``varjax eval`` (sampler and tokenizer replaced by real images and a known map)."""
+def _bundle():
+    """A VAR model directory as loaded, with nothing in it (the sampler is replaced in these tests)."""
     from types import SimpleNamespace
 
     from varjax.core.model_dir import ModelBundle
+
+    return ModelBundle("var", SimpleNamespace(image_size=SIZE), {}, SimpleNamespace(num_classes=NUM_CLASSES), {})
+
+
+def test_var_eval_reports_the_distribution_metric(monkeypatch):
+    """The wiring of ``varjax eval`` (sampler and tokenizer replaced by real images and a known map)."""
     from varjax.eval import consistency
 
     imgs, labels = _fake_samples(8)
-    bundle = ModelBundle("var", SimpleNamespace(image_size=SIZE), {}, SimpleNamespace(num_classes=NUM_CLASSES), {})
+    bundle = _bundle()
     monkeypatch.setattr(consistency, "load_model_dir", lambda ckpt, ema=True: bundle)
     monkeypatch.setattr(consistency, "tokenizer_numbers", lambda b, n: {})
     monkeypatch.setattr(consistency, "sample_per_class",
@@ -170,6 +176,24 @@ def test_var_eval_reports_the_distribution_metric(monkeypatch):
     assert res["class_consistency"] == 1.0 and res["family"] == "var" and res["gflops_per_image"] == 1.0
     assert res["sampling"]["cfg"] == 1.5  # the VAR sampler's defaults
     assert "shape_fd" not in consistency.evaluate("tiny", per_class_n=8, shape_ref=0)
+
+
+def test_the_grid_shows_the_first_samples_of_each_class(monkeypatch, tmp_path):
+    """Scoring many samples per class keeps the grid at ``GRID_PER_CLASS`` columns, each row one class."""
+    from varjax.eval import consistency
+
+    imgs, labels = _fake_samples(3)
+    rows = consistency.grid_rows(imgs, 3, shown=2)
+    np.testing.assert_array_equal(rows, imgs[[0, 1, 3, 4, 6, 7, 9, 10, 12, 13, 15, 16]])
+    assert consistency.grid_rows(imgs, 3, shown=16).shape == imgs.shape
+    saved = []
+    monkeypatch.setattr("varjax.data.images.save_grid", lambda path, x, nrow: saved.append((x.shape, nrow)))
+    monkeypatch.setattr(consistency, "GRID_PER_CLASS", 2)
+    monkeypatch.setattr(consistency, "load_model_dir", lambda ckpt, ema=True: _bundle())
+    monkeypatch.setattr(consistency, "tokenizer_numbers", lambda b, n: {})
+    monkeypatch.setattr(consistency, "sample_per_class", lambda b, per, opts, seed, classes: (imgs, labels, {}))
+    res = consistency.evaluate("tiny", per_class_n=3, shape_ref=0, grid=str(tmp_path / "g.png"))
+    assert res["num_samples"] == 18 and saved == [((12, SIZE, SIZE, 3), 2)]
 
 
 def test_ecar_eval_reports_the_distribution_metric(monkeypatch):

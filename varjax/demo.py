@@ -29,7 +29,7 @@ from varjax.core.errors import at_least
 from varjax.core.model_dir import load_model_dir
 from varjax.data import caches
 from varjax.data.images import save_grid
-from varjax.eval.consistency import evaluate, real_per_class
+from varjax.eval.consistency import GRID_PER_CLASS, PER_CLASS, evaluate, real_per_class
 from varjax.sampling.codec import encode_split
 
 
@@ -76,7 +76,7 @@ def write_train_cache(gen_cfg, tokenizer_dir: str, kind: str, out: str) -> str:
 
 
 def run(model: str, workdir: str, tok_overrides: list[tuple[str, str]], gen_overrides: list[tuple[str, str]],
-        per_class: int = 16) -> dict:
+        per_class: int = PER_CLASS) -> dict:
     demo = DEMOS[model]
     wd = paths.resolve(workdir)
     t0 = time.time()
@@ -92,7 +92,8 @@ def run(model: str, workdir: str, tok_overrides: list[tuple[str, str]], gen_over
     train.train(config.resolve(gen_cfg), str(wd / demo.prefix))
     print(f"[main] 3/3 sampling and evaluating ({time.time() - t0:.0f}s so far)", flush=True)
     res = evaluate(str(wd / demo.prefix), per_class_n=per_class, flags=demo.sampling, grid=str(wd / "samples.png"))
-    save_grid(str(wd / "real_samples.png"), real_per_class(per_class, res["image_size"]), nrow=per_class)
+    shown = min(per_class, GRID_PER_CLASS)
+    save_grid(str(wd / "real_samples.png"), real_per_class(shown, res["image_size"]), nrow=shown)
     res["total_seconds"] = time.time() - t0
     paths.write_json(wd / "eval.json", res)
     print(json.dumps(res, indent=2))
@@ -104,8 +105,8 @@ def run(model: str, workdir: str, tok_overrides: list[tuple[str, str]], gen_over
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="var", choices=sorted(DEMOS), help="var (default) or ecar (E-CAR)")
     p.add_argument("--workdir", default=None, help="default: runs/main (var) or runs/main_ecar (ecar)")
-    p.add_argument("--per-class", type=at_least(1, int), default=16,
-                   help="samples per class in the grid and the evaluation")
+    p.add_argument("--per-class", type=at_least(1, int), default=PER_CLASS,
+                   help="samples per class scored (the grid shows the first 16 of each)")
 
 
 def command(a, rest: list[str]) -> None:

@@ -15,7 +15,8 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     from varjax.sampling.commands import sampling_flags
 
     p.add_argument("--ckpt", required=True, help="model directory or training workdir (a generator or a tokenizer)")
-    p.add_argument("--per-class", type=at_least(1, int), default=16, help="samples per class")
+    p.add_argument("--per-class", type=at_least(1, int), default=64,
+                   help="samples per class scored (the grid shows the first 16 of each)")
     p.add_argument("--heldout", type=at_least(1, int), default=256, help="held-out images for the tokenizer PSNR")
     sampling_flags(p, top_k=0, top_p=0.0)
     p.add_argument("--seed", type=int, default=0)

@@ -70,13 +70,26 @@ class KLAE(nn.Module):
         self.encoder = Encoder(c.blocks_cfg(2 * c.z_channels))
         self.decoder = Decoder(c.blocks_cfg(c.z_channels))
 
-    def __call__(self, img_BHW3: jax.Array, train: bool = False, sample: bool = True):
+    def __call__(self, img_BHW3: jax.Array, train: bool = False, sample: bool = True, decoder_noise: float = 0.0):
         """Training forward: ``(recon_BHW3, kl, mean_BhwC)``; the latent is sampled from the posterior when
-        ``sample`` (needs the 'noise' rng), else the mean."""
+        ``sample`` (needs the 'noise' rng), else the mean.
+
+        ``decoder_noise`` > 0 adds Gaussian noise of standard deviation ``u * decoder_noise * std(mean)`` per
+        example (u uniform in [0, 1], std over the batch and held constant for the gradient). With a small KL
+        weight the posterior's own noise is about 1% of the latent's spread, so the decoder never sees a latent
+        a little off the encoder's; a generator's latents are, and it would decode their errors as texture and
+        colour. Scaling by the latent's spread leaves the encoder no way to shrink the noise by growing the
+        latent.
+        """
         mean, logvar = self.posterior(img_BHW3, train)
         z = mean
         if sample:
             z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(self.make_rng("noise"), mean.shape)
+        if decoder_noise > 0:
+            r_level, r_noise = jax.random.split(self.make_rng("noise"))
+            level_B = jax.random.uniform(r_level, (mean.shape[0], 1, 1, 1)) * decoder_noise
+            spread = jax.lax.stop_gradient(jnp.std(mean))
+            z = z + level_B * spread * jax.random.normal(r_noise, mean.shape)
         return self.decode(z, train), kl_divergence(mean, logvar), mean
 
     def posterior(self, img_BHW3: jax.Array, train: bool = False):

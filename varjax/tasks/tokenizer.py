@@ -76,9 +76,10 @@ def _vq_forward(module: VQVAE, img, train: bool):
     return module.decode(f_hat_st, train), vq_loss, {"hits": hits, "f": f}
 
 
-def _kl_forward(module: KLAE, img, train: bool):
-    """(recon, kl, {}) of the KL autoencoder, the latent sampled from the posterior (the 'noise' rng)."""
-    recon, kl, _ = module(img, train)
+def _kl_forward(module: KLAE, img, train: bool, decoder_noise: float = 0.0):
+    """(recon, kl, {}) of the KL autoencoder, the latent sampled from the posterior (the 'noise' rng), plus the
+    decoder's training noise (``config.decoder_noise``, see ``KLAE.__call__``)."""
+    recon, kl, _ = module(img, train, decoder_noise=decoder_noise)
     return recon, kl, {}
 
 
@@ -188,7 +189,7 @@ def build(plan, mesh) -> Task:
     plug = plug_of(cfg)
     vq = plug.family == "vq"
     model = plug.module(model_cfg)
-    forward = _vq_forward if vq else _kl_forward
+    forward = _vq_forward if vq else functools.partial(_kl_forward, decoder_noise=float(cfg.decoder_noise))
     disc = NLayerDiscriminator(ndf=cfg.disc.ndf, n_layers=cfg.disc.n_layers, norm=cfg.disc.norm)
     use_disc = cfg.disc_weight > 0
     print("[train-tokenizer] discriminator: " + (f"on from step {cfg.disc_start} (weight {cfg.disc_weight})"
