@@ -71,7 +71,7 @@ def main() -> None:
     p.add_argument("--ecar-mlp", required=True, help="E-CAR workdir with the per-token MLP head")
     p.add_argument("--dit", required=True, help="DiT flow baseline workdir (configs/ecar_shapes.py:dit)")
     p.add_argument("--var", required=True, help="VAR workdir (runs/main/var)")
-    p.add_argument("--per-class", type=int, default=16)
+    p.add_argument("--per-class", type=int, default=64, help="samples per class scored (as varjax eval)")
     p.add_argument("--dit-steps", default="8,16,32", help="solver steps of the DiT flow baseline")
     p.add_argument("--var-wide", default="0,0.95", help="top-k,top-p of VAR's wider draw")
     p.add_argument("--out", default="bench/ecar_results.json")

@@ -216,6 +216,7 @@ def tokenizer(model_type: str = "vq") -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"config.model_type={model_type!r}: expected 'vq' or 'kl'.")
     c.require_init_from = False  # the recipe fine-tunes: config.init_from must name the tokenizer
+    c.freeze = ()  # top-level parameter groups kept as they start (e.g. ("encoder",): train the decoder only)
     c.lr = 1e-4  # peak learning rate (absolute)
     c.l1_weight = 1.0
     c.l2_weight = 1.0

@@ -192,3 +192,28 @@ def test_end_to_end_checkpoint_feeds_tokenize_and_var_training(shapes_data, tmp_
     vcfg = _tiny.var_config(wd, total_steps=2)
     out = train.train(config.resolve(vcfg), str(tmp_path / "var"))
     assert np.isfinite(out["loss"])
+
+
+def test_decoder_finetune_keeps_the_encoder_exactly(shapes_data, tmp_path):
+    """``configs/ecar_decoder_shapes.py`` after the KL tokenizer (as ``varjax main --model ecar`` runs them): the
+    encoder, and so every latent, is unchanged to the bit; the decoder trained on noisy latents is not."""
+    tok, dec = str(tmp_path / "tok"), str(tmp_path / "dec")
+    train.train(config.resolve(_tiny.load("ecar_tokenizer_shapes:runlocal", total_steps=2, eval_every=0,
+                                          image_every=0, **_tiny.QUIET)), tok)
+    cfg = _tiny.load("ecar_decoder_shapes:runlocal", total_steps=2, eval_every=0, image_every=0, init_from=tok,
+                     **_tiny.QUIET)
+    assert tuple(cfg.freeze) == ("encoder",) and cfg.decoder_noise > 0
+    last = train.train(config.resolve(cfg), dec)
+    assert np.isfinite(last["loss"])
+    before, after = model_dir.load_model_dir(tok).tok_params, model_dir.load_model_dir(dec).tok_params
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["encoder"]),
+                                                    jax.tree.leaves(after["encoder"]), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["decoder"]),
+                                                        jax.tree.leaves(after["decoder"]), strict=True))
+
+
+def test_freeze_names_the_unknown_group():
+    with pytest.raises(ValueError, match=r"config.freeze names \['encodr'\]"):
+        tt.freeze({"encoder": 1, "decoder": 2}, {"encoder": 0, "decoder": 0}, ("encodr",))
+    assert tt.freeze({"encoder": 1, "decoder": 2}, {"encoder": 0, "decoder": 0}, ("encoder",)) == {
+        "encoder": 0, "decoder": 2}

@@ -3,7 +3,8 @@
 One table, one row per model family (``--model var``, the default, or ``ecar``); every row runs three stages:
 
 1. trains the row's tokenizer (``configs/tokenizer_shapes.py``: the multi-scale VQ-VAE; or
-   ``configs/ecar_tokenizer_shapes.py``: the KL autoencoder) in ``DIR/tokenizer``;
+   ``configs/ecar_tokenizer_shapes.py``: the KL autoencoder, whose decoder ``configs/ecar_decoder_shapes.py`` then
+   teaches to clean noisy latents in ``DIR/decoder``) in ``DIR/tokenizer``;
 2. encodes the training split once (a token or latent cache, ``DIR/tokens_train`` / ``DIR/latents_train``) and
    trains the generator on it (``configs/var_shapes.py`` / ``configs/ecar_shapes.py``) in ``DIR/var`` /
    ``DIR/ecar``;
@@ -42,6 +43,7 @@ class Demo:
     cache_field: str  # the generator config field naming the cache
     sampling: dict  # sampling flags of the evaluation (missing ones: the model directory's defaults)
     default_workdir: str
+    decoder_config: str | None = None  # a decoder-only fine-tune of the tokenizer, run after it (DIR/decoder)
 
 
 DEMOS = {
@@ -50,7 +52,8 @@ DEMOS = {
     # recall 0.70; the former guidance 4 with top-k 2 read 91.7% (68.8%), 0.62 and 0.12: it drew few colours.
     "var": Demo("tokenizer_shapes", "var_shapes", "var", "tokens", "data.tokens_cache",
                 {"cfg": 1.0, "top_k": 0, "top_p": 0.8}, "runs/main"),
-    "ecar": Demo("ecar_tokenizer_shapes", "ecar_shapes", "ecar", "latents", "latents_cache", {}, "runs/main_ecar"),
+    "ecar": Demo("ecar_tokenizer_shapes", "ecar_shapes", "ecar", "latents", "latents_cache", {}, "runs/main_ecar",
+                 decoder_config="ecar_decoder_shapes"),
 }
 
 
@@ -85,6 +88,11 @@ def run(model: str, workdir: str, tok_overrides: list[tuple[str, str]], gen_over
     gen_cfg.tokenizer_dir = str(wd / "tokenizer")
     print("[main] 1/3 training the tokenizer", flush=True)
     train.train(config.resolve(tok_cfg), str(wd / "tokenizer"))
+    if demo.decoder_config:  # same encoder, so the latents are the tokenizer's; samples decode through this one
+        dec_cfg = config.load(demo.decoder_config, [("init_from", str(wd / "tokenizer"))])
+        print(f"[main] 1/3 teaching the decoder to clean noisy latents ({time.time() - t0:.0f}s so far)", flush=True)
+        train.train(config.resolve(dec_cfg), str(wd / "decoder"))
+        gen_cfg.tokenizer_dir = str(wd / "decoder")
     if not _field(gen_cfg, demo.cache_field):
         cache = write_train_cache(gen_cfg, gen_cfg.tokenizer_dir, demo.cache, str(wd / f"{demo.cache}_train"))
         config.set_field(gen_cfg, demo.cache_field, cache)

@@ -163,6 +163,19 @@ def _check(cfg) -> None:
         raise ValueError(f"config.usage_decay={cfg.usage_decay} must be in [0, 1).")
     if cfg.lpips_weight > 0 and not cfg.lpips_lin_path and cfg.lpips_vgg_path:
         raise ValueError("config.lpips_vgg_path is set but config.lpips_lin_path is empty; LPIPS needs both.")
+    if cfg.freeze and not cfg.init_from:
+        raise ValueError(f"config.freeze={tuple(cfg.freeze)!r} keeps those weights as they start, but config.init_from "
+                         "is empty: name the tokenizer whose weights they are.")
+
+
+def freeze(params: dict, start: dict, groups: tuple[str, ...]) -> dict:
+    """``params`` with the top-level ``groups`` taken from ``start`` (a frozen encoder stays exactly as loaded;
+    restoring after the update also undoes weight decay and momentum on it)."""
+    missing = [g for g in groups if g not in params]
+    if missing:
+        raise ValueError(f"config.freeze names {missing}, not parameter groups of this tokenizer "
+                         f"({sorted(params)}).")
+    return {**params, **{g: start[g] for g in groups}}
 
 
 def load_lpips(cfg) -> Any:
@@ -201,6 +214,7 @@ def build(plan, mesh) -> Task:
     disc_tx = optax.adam(cfg.disc_lr, b1=cfg.disc_b1, b2=cfg.disc_b2)
     side = model_cfg.image_size
     reg_weight = float(cfg[plug.weight_field])
+    frozen_groups = tuple(cfg.freeze)
     if vq:
         S, V = len(model_cfg.patch_nums), model_cfg.vocab_size
         margin = usage_margin(plan.batch_size, model_cfg)
@@ -246,7 +260,7 @@ def build(plan, mesh) -> Task:
             grads = jax.tree.map(lambda a, b: a + d_weight * b, grads, g_grads)
         loss = nll + reg_weight * reg + d_weight * g_loss
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params = freeze(optax.apply_updates(state["params"], updates), state["params"], frozen_groups)
 
         # Discriminator on real images and the detached reconstructions; frozen before disc_start.
         disc_params, disc_opt_state = state["disc_params"], state["disc_opt_state"]
