@@ -3,9 +3,9 @@
     varjax main --model ecar --workdir runs/main_ecar          # E-CAR, coherent flow (and its KL tokenizer)
     varjax main --workdir runs/main                            # VAR
     varjax train --config configs/ecar_shapes.py:mlp --workdir runs/ecar_mlp \
-        --config.tokenizer_dir=runs/main_ecar/tokenizer --config.latents_cache=runs/main_ecar/latents_train
+        --config.tokenizer_dir=runs/main_ecar/decoder --config.latents_cache=runs/main_ecar/latents_train
     varjax train --config configs/ecar_shapes.py:dit --workdir runs/dit_baseline \
-        --config.tokenizer_dir=runs/main_ecar/tokenizer --config.latents_cache=runs/main_ecar/latents_train
+        --config.tokenizer_dir=runs/main_ecar/decoder --config.latents_cache=runs/main_ecar/latents_train
     python bench/bench_ecar.py --ecar runs/main_ecar/ecar --ecar-mlp runs/ecar_mlp --dit runs/dit_baseline \
         --var runs/main/var --out bench/ecar_results.json
 

@@ -1,9 +1,10 @@
 """E-CAR on the embedded `varjax_shapes` dataset (no download).
 
     varjax train --config configs/ecar_shapes.py --workdir runs/ecar_shapes \
-        --config.tokenizer_dir=runs/ecar_tok
+        --config.tokenizer_dir=runs/ecar_dec
 
-Stages 1-2-4-8 on the continuous tokenizer's 8x8x4 latents (`configs/ecar_tokenizer_shapes.py`); a depth-3,
+Stages 1-2-4-8 on the continuous tokenizer's 8x8x4 latents (`configs/ecar_tokenizer_shapes.py`, the decoder of
+`configs/ecar_decoder_shapes.py`); a depth-3,
 width-96 transformer and the coherent flow network (`flow_net="dit"`: 2 DiT blocks of width 64 over each stage's
 map). `configs/ecar_shapes.py:mlp` keeps MAR's per-token head (3 blocks, width 64) instead;
 `configs/ecar_shapes.py:dit` is the DiT-style baseline of `bench/bench_ecar.py`: no stage-wise transformer and

@@ -238,6 +238,8 @@ def build(plan, mesh) -> Task:
         disc_factor = losses.adopt_weight(1.0, step, cfg.disc_start) if use_disc else jnp.zeros((), jnp.float32)
 
         def objectives(params):
+            # frozen groups are constants here: no gradient, so no backward pass through a frozen encoder
+            params = {**params, **{g: jax.lax.stop_gradient(params[g]) for g in frozen_groups if g in params}}
             recon, reg, aux = model.apply({"params": params}, img, True, method=forward,
                                           rngs={"dropout": r_drop, "noise": r_plug})
             l1, l2 = losses.reconstruction_losses(recon, img)
