@@ -88,9 +88,14 @@ def test_main_overrides_reach_both_configs(monkeypatch):
     from varjax import demo
 
     got = []
-    monkeypatch.setattr(demo, "run", lambda model, workdir, tok, gen, per_class: got.append((model, tok, gen)))
-    cli.main(["main", "--model", "ecar", "--tok.total_steps=3", "--ecar.total_steps", "5", "--per-class", "2"])
-    assert got == [("ecar", [("total_steps", "3")], [("total_steps", "5")])]
+    monkeypatch.setattr(demo, "run",
+                        lambda model, workdir, tok, gen, per_class, dec: got.append((model, tok, gen, dec)))
+    cli.main(["main", "--model", "ecar", "--tok.total_steps=3", "--ecar.total_steps", "5", "--dec.lr=1e-4",
+              "--per-class", "2"])
+    assert got == [("ecar", [("total_steps", "3")], [("total_steps", "5")], [("lr", "1e-4")])]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["main", "--dec.lr=1e-4"])  # VAR's main job has no decoder fine-tune
+    assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         cli.main(["main", "--model", "ecar", "--var.total_steps=3"])  # the other family's prefix
     assert e.value.code == 2

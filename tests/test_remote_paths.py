@@ -95,6 +95,7 @@ def test_convert_train_resume_sample_sweep_on_gs(gcs, capsys):
 # The smallest E-CAR `main`: the tokenizer and the generator of the runlocal configs, a few steps each.
 TOK = ["--tok.total_steps=2", "--tok.data.name=varjax_shapes/tiny", "--tok.batch_size=8", "--tok.vae.ch=8",
        "--tok.vae.ch_mult=(1, 2, 2)", "--tok.async_ckpt=False", "--tok.ckpt_every=2"]
+DEC = ["--dec.total_steps=2", "--dec.batch_size=8", "--dec.async_ckpt=False", "--dec.ckpt_every=2"]  # its fine-tune
 ECAR = ["data.name=varjax_shapes/tiny", "batch_size=8", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
         "model.head_width=32", "model.head_depth=2", "stats_examples=64", "async_ckpt=False", "ckpt_every=2",
         "log_every=1", "sample.steps=2"]
@@ -105,22 +106,22 @@ def test_ecar_main_train_resume_sample_on_gs(gcs, capsys):
     from varjax.core.model_dir import load_model_dir
 
     # main: tokenizer -> latent cache -> E-CAR -> samples and eval.json, every path a gs:// URL
-    cli.main(["main", "--model", "ecar", "--workdir", "gs://bkt/main", "--per-class", "1", *TOK,
+    cli.main(["main", "--model", "ecar", "--workdir", "gs://bkt/main", "--per-class", "1", *TOK, *DEC,
               "--ecar.total_steps=4", "--ecar.stop_at_step=2", *(f"--ecar.{a}" for a in ECAR)])
     main = store / "bkt" / "main"
-    assert {"tokenizer", "latents_train", "ecar", "samples.png", "eval.json"} <= set(os.listdir(main))
+    assert {"tokenizer", "decoder", "latents_train", "ecar", "samples.png", "eval.json"} <= set(os.listdir(main))
     res = json.loads((main / "eval.json").read_text())
     assert res["family"] == "ecar" and res["num_samples"] == 6 and res["sampling"]["steps"] == 2
     man = json.loads((main / "ecar" / "varjax_model.json").read_text())
-    assert man["vae"]["params"]["model_dir"] == "gs://bkt/main/tokenizer"  # a URL, never a local path
+    assert man["vae"]["params"]["model_dir"] == "gs://bkt/main/decoder"  # a URL, never a local path
     saved = json.loads((main / "ecar" / "config.json").read_text())
-    assert saved["latents_cache"] == "gs://bkt/main/latents_train" and saved["tokenizer_dir"] == "gs://bkt/main/tokenizer"
+    assert saved["latents_cache"] == "gs://bkt/main/latents_train" and saved["tokenizer_dir"] == "gs://bkt/main/decoder"
     assert os.listdir(cwd) == []
 
     # train: the same run resumed by `varjax train` (the tokenizer and the latent cache read from gs://)
     capsys.readouterr()
     cli.main(["train", "--config", "ecar_shapes", "--workdir", "gs://bkt/main/ecar", "--config.total_steps=4",
-              "--config.tokenizer_dir=gs://bkt/main/tokenizer", "--config.latents_cache=gs://bkt/main/latents_train",
+              "--config.tokenizer_dir=gs://bkt/main/decoder", "--config.latents_cache=gs://bkt/main/latents_train",
               *(f"--config.{a}" for a in ECAR)])
     assert "resumed from step 2 in gs://bkt/main/ecar" in capsys.readouterr().out
     assert list(_tiny.read_losses(main / "ecar")) == [1, 2, 3, 4]

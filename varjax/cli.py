@@ -26,7 +26,9 @@ the Python traceback instead."""
 
 CONFIG_OVERRIDES = "Any config field is set with --config.FIELD=VALUE (e.g. --config.total_steps=100)."
 MAIN_OVERRIDES = ("--tok.FIELD=VALUE and --var.FIELD=VALUE (--ecar.FIELD=VALUE with --model ecar) override the "
-                  "tokenizer's and the generator's configs (configs/tokenizer_shapes.py, configs/var_shapes.py, ...).")
+                  "tokenizer's and the generator's configs (configs/tokenizer_shapes.py, configs/var_shapes.py, ...); "
+                  "with --model ecar, --dec.FIELD=VALUE overrides the decoder's fine-tune "
+                  "(configs/ecar_decoder_shapes.py).")
 
 
 @dataclasses.dataclass(frozen=True)

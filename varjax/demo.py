@@ -78,8 +78,18 @@ def write_train_cache(gen_cfg, tokenizer_dir: str, kind: str, out: str) -> str:
     return out
 
 
+def decoder_config(demo: Demo, tok_cfg, tokenizer_dir: str, overrides: list[tuple[str, str]] = ()):
+    """The decoder fine-tune's config: its own training fields, the architecture and data of ``tok_cfg`` (it
+    continues that tokenizer, so ``--tok.vae.*`` / ``--tok.data.*`` reach it too), ``init_from`` the tokenizer's
+    directory, then ``--dec.field=value`` overrides."""
+    cfg = config.load(demo.decoder_config, [("init_from", tokenizer_dir)])
+    cfg.vae.update(tok_cfg.vae.to_dict())
+    cfg.data.update(tok_cfg.data.to_dict())
+    return config.apply_overrides(cfg, overrides, "dec") if overrides else cfg
+
+
 def run(model: str, workdir: str, tok_overrides: list[tuple[str, str]], gen_overrides: list[tuple[str, str]],
-        per_class: int = PER_CLASS) -> dict:
+        per_class: int = PER_CLASS, dec_overrides: list[tuple[str, str]] = ()) -> dict:
     demo = DEMOS[model]
     wd = paths.resolve(workdir)
     t0 = time.time()
@@ -89,7 +99,7 @@ def run(model: str, workdir: str, tok_overrides: list[tuple[str, str]], gen_over
     print("[main] 1/3 training the tokenizer", flush=True)
     train.train(config.resolve(tok_cfg), str(wd / "tokenizer"))
     if demo.decoder_config:  # same encoder, so the latents are the tokenizer's; samples decode through this one
-        dec_cfg = config.load(demo.decoder_config, [("init_from", str(wd / "tokenizer"))])
+        dec_cfg = decoder_config(demo, tok_cfg, str(wd / "tokenizer"), dec_overrides)
         print(f"[main] 1/3 teaching the decoder to clean noisy latents ({time.time() - t0:.0f}s so far)", flush=True)
         train.train(config.resolve(dec_cfg), str(wd / "decoder"))
         gen_cfg.tokenizer_dir = str(wd / "decoder")
@@ -122,6 +132,10 @@ def command(a, rest: list[str]) -> None:
     demo = DEMOS[a.model]
     rest, tok = config.split_overrides(rest, "tok")
     rest, gen = config.split_overrides(rest, demo.prefix)
+    dec = []
+    if demo.decoder_config:
+        rest, dec = config.split_overrides(rest, "dec")
     if rest:
-        raise ValueError(f"unknown arguments {rest}; use --tok.field=value or --{demo.prefix}.field=value")
-    run(a.model, a.workdir or demo.default_workdir, tok, gen, a.per_class)
+        raise ValueError(f"unknown arguments {rest}; use --tok.field=value or --{demo.prefix}.field=value"
+                         + (" (--dec.field=value for the decoder's fine-tune)" if demo.decoder_config else ""))
+    run(a.model, a.workdir or demo.default_workdir, tok, gen, a.per_class, dec)
