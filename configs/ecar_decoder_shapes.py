@@ -3,7 +3,8 @@
     varjax train-tokenizer --config configs/ecar_decoder_shapes.py --workdir runs/ecar_dec \
         --config.init_from=runs/ecar_tok
 
-Starts from a trained KL tokenizer (`configs/ecar_tokenizer_shapes.py`) and trains only its decoder, on latents
+Starts from a trained KL tokenizer (`configs/ecar_tokenizer_shapes.py`) and trains only its decoder, 3,000 steps of
+batch 16, on latents
 with added Gaussian noise (`config.decoder_noise`: per example a standard deviation drawn uniformly in [0, 0.8]
 times the latents' spread). The encoder, and so every latent and latent cache, stays exactly as it was.
 
@@ -27,7 +28,9 @@ def get_config(arg=None):
     c.require_init_from = True
     c.freeze = ("encoder",)
     c.decoder_noise = 0.8
-    c.total_steps = 1000 if not a.runlocal else 4
+    # 3,000 steps: on the main job's model, 1,000 read 91.9% (plus 65.6%) and shape_fd 0.53; 3,000 read 94.5%
+    # (plus 78.1%) and 0.47 (reconstructions 29.4 and 30.0 dB)
+    c.total_steps = 3000 if not a.runlocal else 4
     c.lr = 5e-4
     c.ema_decay = 0.0
     return c
