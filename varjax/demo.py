@@ -85,7 +85,7 @@ def decoder_config(demo: Demo, tok_cfg, tokenizer_dir: str, overrides: list[tupl
     cfg = config.load(demo.decoder_config, [("init_from", tokenizer_dir)])
     cfg.vae.update(tok_cfg.vae.to_dict())
     cfg.data.update(tok_cfg.data.to_dict())
-    return config.apply_overrides(cfg, overrides, "dec") if overrides else cfg
+    return config.apply_overrides(cfg, list(overrides), "dec")
 
 
 def run(model: str, workdir: str, tok_overrides: list[tuple[str, str]], gen_overrides: list[tuple[str, str]],

@@ -173,8 +173,8 @@ def freeze(params: dict, start: dict, groups: tuple[str, ...]) -> dict:
     restoring after the update also undoes weight decay and momentum on it)."""
     missing = [g for g in groups if g not in params]
     if missing:
-        raise ValueError(f"config.freeze names {missing}, not parameter groups of this tokenizer "
-                         f"({sorted(params)}).")
+        raise ValueError(f"config.freeze names {missing}, not parameter groups of this tokenizer; set it to some "
+                         f"of {sorted(params)} (e.g. --config.freeze='(\"encoder\",)').")
     return {**params, **{g: start[g] for g in groups}}
 
 
@@ -239,7 +239,7 @@ def build(plan, mesh) -> Task:
 
         def objectives(params):
             # frozen groups are constants here: no gradient, so no backward pass through a frozen encoder
-            params = {**params, **{g: jax.lax.stop_gradient(params[g]) for g in frozen_groups if g in params}}
+            params = freeze(params, jax.lax.stop_gradient(params), frozen_groups)
             recon, reg, aux = model.apply({"params": params}, img, True, method=forward,
                                           rngs={"dropout": r_drop, "noise": r_plug})
             l1, l2 = losses.reconstruction_losses(recon, img)
