@@ -22,7 +22,8 @@ Every generator of the comparison, in one process on one machine, scored as ``va
   one (guidance 4, top-k 2) and a wider draw at guidance 4 (``--var-wide``: top-k, top-p).
 
 The flow models sample at temperature 1 with each directory's guidance. Columns: parameters of the generator;
-sampling GFLOPs per image (XLA's cost analysis of the compiled sampler, tokenizer decoder included); seconds per
+sampling GFLOPs per image of the generator (XLA's cost analysis of the compiled sampler less that of the tokenizer
+decoder, which every row on one tokenizer pays alike) and with the decoder; seconds per
 image (compiled programs, batches of 64, this machine's CPU); class consistency (the dataset's shape detector) and
 its lowest class; ``shape_fd`` and ``shape_recall`` against 600 held-out test images (``varjax.eval.shape_metrics``).
 """
@@ -52,15 +53,18 @@ def row(name: str, ckpt: str, per_class: int, **flags) -> dict:
 
     res = evaluate(ckpt, per_class_n=per_class, num_heldout=64, flags=flags, seed=0)
     keep = ("class_consistency", "per_class_consistency", "shape_fd", "shape_recall", "shape_precision",
-            "shape_fd_floor", "shape_fd_real", "gflops_per_image", "seconds_per_image", "sampling")
+            "shape_fd_floor", "shape_fd_real", "gflops_per_image", "decoder_gflops_per_image", "seconds_per_image",
+            "sampling")
     out = {"model": name, "ckpt": ckpt, "params": _params(ckpt), **{k: res.get(k) for k in keep}}
     out["min_class_consistency"] = min(res["per_class_consistency"])
+    out["generator_gflops_per_image"] = res["gflops_per_image"] - res["decoder_gflops_per_image"]
     print(f"[bench_ecar] {fmt(out)}", flush=True)
     return out
 
 
 def fmt(r: dict) -> str:
-    return (f"| {r['model']} | {r['params']:,} | {r['gflops_per_image']:.3f} | {r['seconds_per_image']:.4f} | "
+    return (f"| {r['model']} | {r['params']:,} | {r['generator_gflops_per_image']:.3f} | {r['gflops_per_image']:.3f} | "
+            f"{r['seconds_per_image']:.4f} | "
             f"{100 * r['class_consistency']:.1f}% (min {100 * r['min_class_consistency']:.1f}%) | "
             f"{r['shape_fd']:.2f} | {r['shape_recall']:.2f} |")
 
@@ -91,8 +95,9 @@ def main() -> None:
            "machine": f"{platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} device(s)",
            "date": time.strftime("%Y-%m-%d"), "seconds": time.time() - t0, "rows": rows}
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
-    print("| model | params | GFLOPs/img | s/img | class consistency | shape_fd | shape_recall |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | params | generator GFLOPs/img | with decoder | s/img | class consistency | shape_fd | "
+          "shape_recall |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(fmt(r))
     print(f"wrote {a.out}")

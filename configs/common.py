@@ -335,8 +335,10 @@ def ecar(depth: int) -> ml_collections.ConfigDict:
         flow_net="mlp", flow_depth=2, flow_heads=2, flow_mlp_ratio=4.0,
         stage_input="noisy",  # what the transformer reads for stage s >= 1: the "noisy" stage end or "clean" x_hat
     ))
-    # defaults of `varjax sample` on the model directory (stage_cfg: one guidance scale per stage, or empty)
-    c.sample = ml_collections.ConfigDict(dict(cfg=3.0, steps=8, solver="euler", temperature=1.0, stage_cfg=()))
+    # defaults of `varjax sample` on the model directory (stage_cfg / stage_steps: one guidance scale / step count
+    # per stage, or empty)
+    c.sample = ml_collections.ConfigDict(dict(cfg=3.0, steps=8, solver="euler", temperature=1.0, stage_cfg=(),
+                                              stage_steps=()))
     return c
 
 

@@ -179,6 +179,37 @@ def test_flops_formula_matches_xla(tiny_model, guidance):
     assert single["flow_head"] / formula["flow_head"] == pytest.approx(len(PNS) * 64 / 85, rel=1e-6)
 
 
+def test_stage_steps_schedule(tiny_model):
+    """Per-stage step counts: equal counts are ``steps`` to the bit; a schedule's FLOPs follow the formula."""
+    _, _, cfg, params = tiny_model
+    params = _perturbed(params)
+    lab, rng = jnp.arange(4, dtype=jnp.int32), jax.random.PRNGKey(0)
+    run = lambda opts: generate_latent(cfg, opts, params, lab, rng)  # noqa: E731
+    uniform = run(FlowSampleOptions(cfg=2.0, steps=3))
+    np.testing.assert_array_equal(uniform, run(FlowSampleOptions(cfg=2.0, steps=5, stage_steps=(3, 3, 3, 3))))
+    opts = FlowSampleOptions(cfg=2.0, steps=3, stage_steps=(3, 3, 2, 1))
+    assert not np.allclose(uniform, run(opts))
+    cost = _xla_flops(jax.jit(lambda p, lab, r: generate_latent(cfg, opts, p, lab, r)), params, lab, rng)
+    formula = sampling_flops(cfg, opts, 4)
+    assert formula["total"] <= cost <= 1.06 * formula["total"], (cost, formula)
+    assert formula["flow_head"] < sampling_flops(cfg, FlowSampleOptions(cfg=2.0, steps=3), 4)["flow_head"]
+    with pytest.raises(ValueError, match="one step count per stage"):
+        run(FlowSampleOptions(stage_steps=(3, 3)))
+    with pytest.raises(ValueError, match="at least 1 flow step"):
+        FlowSampleOptions(stage_steps=(3, 0, 3, 3))
+
+
+def test_sampling_flags_over_the_directory_defaults():
+    from varjax.sampling.ecar import options
+
+    d = {"cfg": 2.0, "steps": 8, "stage_steps": (8, 8, 8, 4), "stage_cfg": (3.0, 2.0, 2.0, 2.0)}
+    assert options(d).stage_steps == (8, 8, 8, 4) and options(d).guidance(0) == 3.0
+    # a count or a scale given alone replaces the per-stage ones; per-stage flags replace them
+    assert options(d, flow_steps=4).stage_steps == () and options(d, flow_steps=4).steps_of(3) == 4
+    assert options(d, stage_steps=(2, 2, 2, 1)).steps_of(3) == 1
+    assert options(d, cfg=1.5).stage_cfg == () and options(d, cfg=1.5).guidance(0) == 1.5
+
+
 # ---------------------------------------------------------------- trainer
 
 

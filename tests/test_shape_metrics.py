@@ -233,8 +233,8 @@ def test_ecar_eval_reports_the_distribution_metric(monkeypatch):
     assert all(isinstance(res[k], float) for k in KEYS) and res["shape_n_second"] == len(imgs)
     assert res["shape_fd"] == pytest.approx(sm.shape_metrics(imgs, n_ref=N_REF)["shape_fd"])
     # the model directory's defaults, a flag over them
-    assert res["sampling"] == {"cfg": 4.0, "stage_cfg": [], "steps": 3, "solver": "heun", "temperature": 0.3,
-                               "seed": 0, "ema": True}
+    assert res["sampling"] == {"cfg": 4.0, "stage_cfg": [], "steps": 3, "stage_steps": [], "solver": "heun",
+                               "temperature": 0.3, "seed": 0, "ema": True}
     assert seen["opts"].steps == 3
     rec = codec.reconstruct(ae_cfg, ae_params, imgs[:3])
     z = jax.jit(lambda p, x: KLAE(ae_cfg).apply({"params": p}, x, method=KLAE.encode))(ae_params, imgs[:3] * 2 - 1)

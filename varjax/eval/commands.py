@@ -32,7 +32,7 @@ def evaluate(a) -> None:
     from varjax.eval.consistency import evaluate as run
 
     flags = {k: getattr(a, k) for k in ("cfg", "top_k", "top_p", "more_smooth", "flow_steps", "solver",
-                                        "temperature", "stage_cfg")}
+                                        "temperature", "stage_cfg", "stage_steps")}
     res = run(a.ckpt, per_class_n=a.per_class, num_heldout=a.heldout, flags=flags, seed=a.seed, grid=a.grid,
               inception=a.inception, fid_ref=a.fid_ref, ema=not a.no_ema, shape_ref=a.shape_ref)
     out = a.out or paths.resolve(a.ckpt) / "eval.json"

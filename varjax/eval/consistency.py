@@ -9,8 +9,9 @@
 * The tokenizer: PSNR of its reconstructions of held-out (test split) images, in dB on [0, 1] images, and the
   detector's accuracy on those reconstructions (``tokenizer_class_consistency``), which bounds what samples on
   these tokens can score.
-* The sampler's cost: GFLOPs per image (XLA's cost analysis of the compiled program, decoder included) and
-  seconds per image (compiled, this machine).
+* The sampler's cost: GFLOPs per image (XLA's cost analysis of the compiled program, decoder included), the
+  tokenizer decoder's share of it (``decoder_gflops_per_image``, the same for every generator on that tokenizer)
+  and seconds per image (compiled, this machine).
 
 Every generator family samples through ``varjax.sampling``; a tokenizer-only directory gets the tokenizer numbers.
 """
@@ -27,7 +28,7 @@ from varjax import losses, sampling
 from varjax.core.model_dir import ModelBundle, load_model_dir
 from varjax.data.shapes import NUM_CLASSES, classify_shapes, draw_example
 from varjax.eval import shape_metrics
-from varjax.sampling.codec import reconstruct
+from varjax.sampling.codec import decoder_gflops_per_image, reconstruct
 
 SAMPLE_BATCH = 64  # images per sampler call: memory stays flat for many samples
 PER_CLASS = 64  # samples per class scored: at 16, one image moves a class's score by 6 points
@@ -77,8 +78,8 @@ def sample_per_class(b: ModelBundle, per_class_n: int, opts, seed: int, classes:
     """(images (classes * per_class, H, W, 3) in [0, 1], labels, cost) generated class by class, row-major.
 
     The images at ``i .. i + batch - 1`` are one sampler call with key ``PRNGKey(seed + i)``. ``cost`` holds
-    ``gflops_per_image`` (XLA's count for the compiled program) and ``seconds_per_image`` (compiled programs, this
-    machine).
+    ``gflops_per_image`` (XLA's count for the compiled program), ``decoder_gflops_per_image`` (the tokenizer
+    decoder's part of it) and ``seconds_per_image`` (compiled programs, this machine).
     """
     sampler = sampling.get(b.family).make_sampler(b.tok_cfg, b.gen_cfg, opts)
     labels = np.repeat(np.arange(classes, dtype=np.int32), per_class_n)
@@ -97,6 +98,7 @@ def sample_per_class(b: ModelBundle, per_class_n: int, opts, seed: int, classes:
     seconds = time.perf_counter() - t0
     return np.concatenate(imgs), labels, {
         "gflops_per_image": float((cost or {}).get("flops", 0.0)) / first / 1e9,
+        "decoder_gflops_per_image": decoder_gflops_per_image(b.tok_cfg, b.tok_params),
         "seconds_per_image": seconds / len(labels),
     }
 

@@ -51,6 +51,19 @@ def encoder_fn(tok_cfg: VQVAEConfig | KLAEConfig):
     return tokenizer_fns(tok_cfg)[0]
 
 
+def decoder_gflops_per_image(tok_cfg: VQVAEConfig | KLAEConfig, tok_params, batch: int = 8) -> float:
+    """XLA's FLOP count (GFLOPs per image) of the tokenizer's decoder alone: the part of every sampler's cost that
+    does not depend on the generator (a latent map (B, H/d, W/d, z_channels) -> image)."""
+    module = (KLAE if isinstance(tok_cfg, KLAEConfig) else VQVAE)(tok_cfg)
+    side = tok_cfg.image_size // tok_cfg.downsample
+    z = jax.ShapeDtypeStruct((batch, side, side, tok_cfg.z_channels), jnp.float32)
+    fn = jax.jit(lambda p, z_BhwC: module.apply({"params": p}, z_BhwC, method=type(module).decode),
+                 compiler_options=conv_compiler_options())
+    cost = fn.lower(tok_params, z).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
+    return float((cost or {}).get("flops", 0.0)) / batch / 1e9
+
+
 def batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
     """``fn`` over ``x`` in chunks of ``batch_size`` along axis 0, concatenated on the host."""
     return np.concatenate([np.asarray(fn(x[i : i + batch_size])) for i in range(0, len(x), batch_size)], axis=0)

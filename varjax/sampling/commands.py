@@ -33,6 +33,8 @@ def sampling_flags(p: argparse.ArgumentParser, top_k: int | None = None, top_p: 
                    "model's)")
     p.add_argument("--stage-cfg", type=floats, default=None, help="E-CAR: one guidance scale per stage, e.g. "
                    "1,2,3,3 (default: the model's; overrides --cfg)")
+    p.add_argument("--stage-steps", type=ints, default=None, help="E-CAR: flow steps of each stage, e.g. 8,8,8,4 "
+                   "(default: the model's; overrides --flow-steps)")
     p.add_argument("--no-ema", action="store_true", help="the raw trained weights instead of their EMA")
 
 

@@ -2,7 +2,7 @@
 
 For stage s the transformer emits the condition tokens of all r_s^2 positions at once (conditional and
 unconditional halves for classifier-free guidance); the flow head then integrates the stage's own time
-window [a_s, b_s] with ``steps`` Euler or Heun steps, the guided velocity being
+window [a_s, b_s] with ``steps`` Euler or Heun steps (or ``stage_steps[s]``), the guided velocity being
 ``v_u + cfg_s * (v_c - v_u)`` (``cfg_s``: one guidance scale, or one per stage). With the "dit" flow net the
 velocity of a position depends on the whole map of the stage (``varjax.models.flow_dit``). The stage's end
 is re-noised to the next stage's start (see ``varjax.models.multistage_flow``) and, upsampled, becomes the
@@ -34,6 +34,7 @@ class FlowSampleOptions:
     cfg: float = 3.0  # classifier-free guidance scale (1 = no guidance)
     steps: int = 8  # flow steps per stage
     stage_cfg: tuple[float, ...] = ()  # one guidance scale per stage (overrides cfg when given)
+    stage_steps: tuple[int, ...] = ()  # flow steps of each stage (overrides steps when given)
     solver: str = "euler"  # "euler" or "heun"
     temperature: float = 1.0  # scales the initial and the re-noising noise (< 1: less diverse, as MAR's)
 
@@ -42,10 +43,16 @@ class FlowSampleOptions:
             raise ValueError(f"solver={self.solver!r}: expected 'euler' or 'heun'.")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps}: expected at least 1 flow step per stage.")
+        if any(n < 1 for n in self.stage_steps):
+            raise ValueError(f"stage_steps={tuple(self.stage_steps)}: expected at least 1 flow step per stage.")
         object.__setattr__(self, "stage_cfg", tuple(float(g) for g in self.stage_cfg))
+        object.__setattr__(self, "stage_steps", tuple(int(n) for n in self.stage_steps))
 
     def guidance(self, stage: int) -> float:
         return self.stage_cfg[stage] if self.stage_cfg else self.cfg
+
+    def steps_of(self, stage: int) -> int:
+        return self.stage_steps[stage] if self.stage_steps else self.steps
 
     @property
     def guided(self) -> bool:
@@ -60,6 +67,8 @@ def generate_latent(cfg: ECARConfig, opts: FlowSampleOptions, params, label_B, r
     B, Cv = label_B.shape[0], cfg.Cvae
     if opts.stage_cfg and len(opts.stage_cfg) != len(pns):
         raise ValueError(f"stage_cfg={opts.stage_cfg}: expected one guidance scale per stage ({len(pns)}).")
+    if opts.stage_steps and len(opts.stage_steps) != len(pns):
+        raise ValueError(f"stage_steps={opts.stage_steps}: expected one step count per stage ({len(pns)}).")
     guided = opts.guided
     labels = jnp.concatenate([label_B, jnp.full_like(label_B, cfg.num_classes)]) if guided else label_B
     cond = model.apply(p, labels, method=ECAR.embed_class)
@@ -88,11 +97,12 @@ def generate_latent(cfg: ECARConfig, opts: FlowSampleOptions, params, label_B, r
             v = raw_vel(jnp.concatenate([x_BrrC, x_BrrC]), tau)
             return v[B:] + g * (v[:B] - v[B:])
 
-        dt = 1.0 / opts.steps
-        for k in range(opts.steps):
+        n_steps = opts.steps_of(s)
+        dt = 1.0 / n_steps
+        for k in range(n_steps):
             tau = k * dt
             v = vel(x, tau)
-            if opts.solver == "heun" and k < opts.steps - 1:
+            if opts.solver == "heun" and k < n_steps - 1:
                 x_pred = x + dt * v
                 x = x + 0.5 * dt * (v + vel(x_pred, tau + dt))
             else:
@@ -151,8 +161,9 @@ def head_flops_per_token(cfg: ECARConfig) -> float:
     return f + 2 * W * 2 * W + 2 * W * Cv  # final AdaLN and output
 
 
-def head_evals_per_stage(opts: FlowSampleOptions) -> int:
-    return opts.steps if opts.solver == "euler" else 2 * opts.steps - 1
+def head_evals_per_stage(opts: FlowSampleOptions, stage: int) -> int:
+    n = opts.steps_of(stage)
+    return n if opts.solver == "euler" else 2 * n - 1
 
 
 def flow_net_flops(cfg: ECARConfig, l: int) -> float:
@@ -176,7 +187,7 @@ def sampling_flops(cfg: ECARConfig, opts: FlowSampleOptions, batch: int = 1) -> 
     tr = transformer_flops(cfg, batch * mult)
     head = 0.0
     for s, r in enumerate(cfg.patch_nums):
-        evals = head_evals_per_stage(opts) + (1 if cfg.stage_input == "clean" and s < S - 1 else 0)
+        evals = head_evals_per_stage(opts, s) + (1 if cfg.stage_input == "clean" and s < S - 1 else 0)
         head += evals * flow_net_flops(cfg, r * r)
     head *= batch * mult
     return {"transformer": tr, "flow_head": head, "total": tr + head}
@@ -187,7 +198,7 @@ EXTRA = "latents"  # what a sample carries besides its image: the normalised cle
 
 def options(defaults: dict, *, cfg: float | None = None, flow_steps: int = 0, solver: str = "",
             temperature: float | None = None, stage_cfg: tuple[float, ...] | None = None,
-            **unused) -> FlowSampleOptions:
+            stage_steps: tuple[int, ...] | None = None, **unused) -> FlowSampleOptions:
     """Sampling options from command-line values (None / 0 / "": the model directory's ``sample`` defaults)."""
     del unused
     base = FlowSampleOptions(**{k: v for k, v in defaults.items() if k in FlowSampleOptions.__dataclass_fields__})
@@ -199,9 +210,11 @@ def options(defaults: dict, *, cfg: float | None = None, flow_steps: int = 0, so
         temperature=base.temperature if temperature is None else temperature,
         # a guidance scale given alone replaces the directory's per-stage scales
         stage_cfg=base.stage_cfg if stage_cfg is None and cfg is None else (stage_cfg or ()),
+        # likewise a step count given alone replaces the directory's per-stage counts
+        stage_steps=base.stage_steps if stage_steps is None and not flow_steps else (stage_steps or ()),
     )
 
 
 def describe(opts: FlowSampleOptions) -> dict:
-    return {"cfg": opts.cfg, "stage_cfg": list(opts.stage_cfg), "steps": opts.steps, "solver": opts.solver,
-            "temperature": opts.temperature}
+    return {"cfg": opts.cfg, "stage_cfg": list(opts.stage_cfg), "steps": opts.steps,
+            "stage_steps": list(opts.stage_steps), "solver": opts.solver, "temperature": opts.temperature}
