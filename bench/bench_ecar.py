@@ -16,7 +16,8 @@ Every generator of the comparison, in one process on one machine, scored as ``va
   whole time range [0, 1], every token denoised jointly at every step by a 4-block DiT; parameters within 10% of
   E-CAR's; the same Euler solver at 8, 16 and 32 steps;
 * **E-CAR, coherent flow** (``--ecar``, ``configs/ecar_shapes.py``): stages 1-2-4-8, the stage-wise transformer
-  once per stage and the 2-block flow DiT at every flow step, 8 steps per stage;
+  once per stage and the 2-block flow DiT at every flow step, with the directory's steps per stage (the recipe's
+  8, 8, 2, 2) and with 8 on every stage;
 * **E-CAR, MLP head** (``--ecar-mlp``, ``configs/ecar_shapes.py:mlp``): the same stages with MAR's per-token head;
 * **VAR** (``--var``, the VAR main job's model): the main job's sampling (no guidance, top-p 0.8), the former
   one (guidance 4, top-k 2) and a wider draw at guidance 4 (``--var-wide``: top-k, top-p).
@@ -85,6 +86,7 @@ def main() -> None:
             for n in a.dit_steps.split(",")]
     rows.append(row("E-CAR, MLP head", a.ecar_mlp, a.per_class, temperature=1.0))
     rows.append(row("E-CAR, coherent flow", a.ecar, a.per_class, temperature=1.0))
+    rows.append(row("E-CAR, coherent flow, 8 steps every stage", a.ecar, a.per_class, temperature=1.0, flow_steps=8))
     rows.append(row("VAR, main job (no guidance, top-p 0.8)", a.var, a.per_class, cfg=1.0, top_k=0, top_p=0.8))
     k, tp = a.var_wide.split(",")
     rows.append(row("VAR, guidance 4, top-k 2", a.var, a.per_class, cfg=4.0, top_k=2, top_p=0.0))
