@@ -44,7 +44,8 @@ class FlowSampleOptions:
         if self.steps < 1:
             raise ValueError(f"steps={self.steps}: expected at least 1 flow step per stage.")
         if any(n < 1 for n in self.stage_steps):
-            raise ValueError(f"stage_steps={tuple(self.stage_steps)}: expected at least 1 flow step per stage.")
+            raise ValueError(f"stage_steps={tuple(self.stage_steps)} (--stage-steps): expected at least 1 flow step "
+                             "per stage.")
         object.__setattr__(self, "stage_cfg", tuple(float(g) for g in self.stage_cfg))
         object.__setattr__(self, "stage_steps", tuple(int(n) for n in self.stage_steps))
 
@@ -66,9 +67,12 @@ def generate_latent(cfg: ECARConfig, opts: FlowSampleOptions, params, label_B, r
     pns, wins = cfg.patch_nums, cfg.windows
     B, Cv = label_B.shape[0], cfg.Cvae
     if opts.stage_cfg and len(opts.stage_cfg) != len(pns):
-        raise ValueError(f"stage_cfg={opts.stage_cfg}: expected one guidance scale per stage ({len(pns)}).")
+        raise ValueError(f"stage_cfg={opts.stage_cfg} (--stage-cfg, or the model directory's sample.stage_cfg): "
+                         f"expected one guidance scale per stage ({len(pns)}, patch_nums {tuple(pns)}).")
     if opts.stage_steps and len(opts.stage_steps) != len(pns):
-        raise ValueError(f"stage_steps={opts.stage_steps}: expected one step count per stage ({len(pns)}).")
+        raise ValueError(f"stage_steps={opts.stage_steps} (--stage-steps, or the model directory's "
+                         f"sample.stage_steps): expected one step count per stage ({len(pns)}, patch_nums "
+                         f"{tuple(pns)}).")
     guided = opts.guided
     labels = jnp.concatenate([label_B, jnp.full_like(label_B, cfg.num_classes)]) if guided else label_B
     cond = model.apply(p, labels, method=ECAR.embed_class)
