@@ -252,3 +252,31 @@ def test_documented_command_parses(argv, tmp_path, monkeypatch):
     assert len(calls) == 1, calls
     if argv[0] in ("train", "train-tokenizer"):
         assert len(loaded) == 1 and (argv[0] == "train" or loaded[0].task == "tokenizer")
+
+
+SIBLING_FAILS = '''
+import asyncio
+
+from varjax.core import errors
+
+
+async def sibling():
+    raise ValueError('OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database')
+
+
+loop = asyncio.new_event_loop()
+task = loop.create_task(sibling())  # fails beside the reported failure; nobody retrieves its exception
+loop.run_until_complete(asyncio.sleep(0.01))
+with errors.boundary():
+    raise ValueError("error: the reported failure")
+'''
+
+
+def test_nothing_is_printed_after_the_paragraph_when_a_sibling_task_failed_too(tmp_path):
+    """A damaged Orbax directory fails several reads at once: the one raised is reported, and the others' tasks,
+    collected at exit with their exceptions never retrieved, must not print asyncio's record after it."""
+    script = tmp_path / "sibling.py"
+    script.write_text(SIBLING_FAILS)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: the reported failure"], r.stderr

@@ -46,7 +46,8 @@ class _SaidByVarjax(logging.Filter):
         message = record.getMessage()
         if record.name == "asyncio":  # "Task exception ..." or "_GatheringFuture exception was never retrieved"
             never_retrieved = message.partition("\n")[0].endswith("exception was never retrieved")
-            return not (never_retrieved and "orbax" in message + _traceback_text(record))
+            text = (message + _traceback_text(record)).lower()
+            return not (never_retrieved and any(k in text for k in ("orbax", "tensorstore", "ocdbt")))
         if message.startswith(("Metadata file does not exist", "Type handler registry type")):
             return False
         return not (record.levelno >= logging.ERROR and "/orbax/" in (record.pathname or ""))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 from collections.abc import Callable, Iterator
 
@@ -55,6 +56,10 @@ def message(e: BaseException) -> str:
 def _report(e: BaseException, code: int) -> None:
     print(message(e), file=sys.stderr, flush=True)
     sys.stdout.flush()
+    # The reported failure's siblings (the other reads or writes of one Orbax/TensorStore operation) can fail too;
+    # their tasks are collected at exit with the exception never retrieved, and asyncio would log each one, with a
+    # traceback, after the paragraph. The paragraph already says what happened.
+    logging.getLogger("asyncio").disabled = True
     raise SystemExit(code) from None
 
 
