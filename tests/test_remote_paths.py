@@ -112,6 +112,7 @@ def test_ecar_main_train_resume_sample_on_gs(gcs, capsys):
     assert {"tokenizer", "decoder", "latents_train", "ecar", "samples.png", "eval.json"} <= set(os.listdir(main))
     res = json.loads((main / "eval.json").read_text())
     assert res["family"] == "ecar" and res["num_samples"] == 6 and res["sampling"]["steps"] == 2
+    assert 0 < res["decoder_gflops_per_image"] < res["gflops_per_image"]  # the decoder is part of the sampler
     man = json.loads((main / "ecar" / "varjax_model.json").read_text())
     assert man["vae"]["params"]["model_dir"] == "gs://bkt/main/decoder"  # a URL, never a local path
     saved = json.loads((main / "ecar" / "config.json").read_text())

@@ -165,6 +165,7 @@ def test_var_eval_reports_the_distribution_metric(monkeypatch):
     bundle = _bundle()
     monkeypatch.setattr(consistency, "load_model_dir", lambda ckpt, ema=True: bundle)
     monkeypatch.setattr(consistency, "tokenizer_numbers", lambda b, n: {})
+    monkeypatch.setattr(consistency, "decoder_gflops_per_image", lambda cfg, params: 0.0)
     monkeypatch.setattr(consistency, "sample_per_class",
                         lambda b, per, opts, seed, classes: (imgs, labels, {"gflops_per_image": 1.0}))
     monkeypatch.setattr(consistency, "reconstruct", lambda cfg, p, x: x[:, ::-1])  # a "tokenizer" that flips images
@@ -191,6 +192,7 @@ def test_the_grid_shows_the_first_samples_of_each_class(monkeypatch, tmp_path):
     monkeypatch.setattr(consistency, "GRID_PER_CLASS", 2)
     monkeypatch.setattr(consistency, "load_model_dir", lambda ckpt, ema=True: _bundle())
     monkeypatch.setattr(consistency, "tokenizer_numbers", lambda b, n: {})
+    monkeypatch.setattr(consistency, "decoder_gflops_per_image", lambda cfg, params: 0.0)
     monkeypatch.setattr(consistency, "sample_per_class", lambda b, per, opts, seed, classes: (imgs, labels, {}))
     res = consistency.evaluate("tiny", per_class_n=3, shape_ref=0, grid=str(tmp_path / "g.png"))
     assert res["num_samples"] == 18 and saved == [((12, SIZE, SIZE, 3), 2)]
@@ -228,6 +230,7 @@ def test_ecar_eval_reports_the_distribution_metric(monkeypatch):
 
     monkeypatch.setattr(consistency, "load_model_dir", lambda path, ema=True: bundle)
     monkeypatch.setattr(consistency, "tokenizer_numbers", lambda b, n: {})
+    monkeypatch.setattr(consistency, "decoder_gflops_per_image", lambda cfg, params: 0.0)
     monkeypatch.setattr(consistency, "sample_per_class", fake_samples)
     res = consistency.evaluate("tiny", per_class_n=4, shape_ref=N_REF, flags={"flow_steps": 3})
     assert all(isinstance(res[k], float) for k in KEYS) and res["shape_n_second"] == len(imgs)

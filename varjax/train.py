@@ -310,9 +310,7 @@ def _flops_per_step(task, compiled, batch: int, num_devices: int) -> float | Non
     XLA's cost analysis of the compiled step (which counts a scanned loop's body once)."""
     if task.flops_per_example:
         return task.flops_per_example * batch
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
-    flops = float((cost or {}).get("flops", 0.0))
+    flops = metrics.compiled_flops(compiled)
     return flops * num_devices if flops > 0 else None
 
 

@@ -159,6 +159,14 @@ def format_eta(seconds: float) -> str:
     return f"{s}s"
 
 
+def compiled_flops(compiled) -> float:
+    """XLA's FLOP count of a compiled program (``jax.stages.Compiled``), 0.0 where the backend gives none. Some
+    jax versions return one dict per program in a list."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
+    return float((cost or {}).get("flops", 0.0))
+
+
 def images_per_second(steps: int, batch_size: int, seconds: float) -> float:
     """Throughput of ``steps`` steps of ``batch_size`` images in ``seconds`` (0 when no time passed)."""
     return steps * batch_size / seconds if seconds > 0 else 0.0

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from varjax import losses, sampling
+from varjax.core.metrics import compiled_flops
 from varjax.core.model_dir import ModelBundle, load_model_dir
 from varjax.data.shapes import NUM_CLASSES, classify_shapes, draw_example
 from varjax.eval import shape_metrics
@@ -78,8 +79,8 @@ def sample_per_class(b: ModelBundle, per_class_n: int, opts, seed: int, classes:
     """(images (classes * per_class, H, W, 3) in [0, 1], labels, cost) generated class by class, row-major.
 
     The images at ``i .. i + batch - 1`` are one sampler call with key ``PRNGKey(seed + i)``. ``cost`` holds
-    ``gflops_per_image`` (XLA's count for the compiled program), ``decoder_gflops_per_image`` (the tokenizer
-    decoder's part of it) and ``seconds_per_image`` (compiled programs, this machine).
+    ``gflops_per_image`` (XLA's count for the compiled program) and ``seconds_per_image`` (compiled programs, this
+    machine).
     """
     sampler = sampling.get(b.family).make_sampler(b.tok_cfg, b.gen_cfg, opts)
     labels = np.repeat(np.arange(classes, dtype=np.int32), per_class_n)
@@ -89,16 +90,13 @@ def sample_per_class(b: ModelBundle, per_class_n: int, opts, seed: int, classes:
         programs[n] = sampler.lower(b.tok_params, b.gen_params, jnp.zeros((n,), jnp.int32),
                                     jax.random.PRNGKey(0)).compile()
     first = max(programs)
-    cost = programs[first].cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
     imgs, t0 = [], time.perf_counter()
     for i, chunk in zip(range(0, len(labels), batch), chunks, strict=True):
         out, _ = programs[len(chunk)](b.tok_params, b.gen_params, jnp.asarray(chunk), jax.random.PRNGKey(seed + i))
         imgs.append(np.asarray(out))
     seconds = time.perf_counter() - t0
     return np.concatenate(imgs), labels, {
-        "gflops_per_image": float((cost or {}).get("flops", 0.0)) / first / 1e9,
-        "decoder_gflops_per_image": decoder_gflops_per_image(b.tok_cfg, b.tok_params),
+        "gflops_per_image": compiled_flops(programs[first]) / first / 1e9,
         "seconds_per_image": seconds / len(labels),
     }
 
@@ -137,6 +135,8 @@ def evaluate(ckpt: str, *, per_class_n: int = PER_CLASS, num_heldout: int = 256,
         res["num_samples"] = int(len(labels))
         res["sampling"] = {**sampler_mod.describe(opts), "seed": seed, "ema": ema}
         res.update(cost)
+        # compiled here, where it is reported, not in sample_per_class (FID sampling has no use for it)
+        res["decoder_gflops_per_image"] = decoder_gflops_per_image(b.tok_cfg, b.tok_params)
         if shape_ref:
             recon = lambda x: reconstruct(b.tok_cfg, b.tok_params, x)  # noqa: E731
             res.update(shape_metrics.shape_metrics(imgs, recon, n_ref=shape_ref, labels=labels))

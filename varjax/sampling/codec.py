@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varjax.core.metrics import compiled_flops
 from varjax.core.xla_flags import conv_compiler_options
 from varjax.data import sources
 from varjax.models.kl_ae import KLAE, KLAEConfig
@@ -59,9 +60,7 @@ def decoder_gflops_per_image(tok_cfg: VQVAEConfig | KLAEConfig, tok_params, batc
     z = jax.ShapeDtypeStruct((batch, side, side, tok_cfg.z_channels), jnp.float32)
     fn = jax.jit(lambda p, z_BhwC: module.apply({"params": p}, z_BhwC, method=type(module).decode),
                  compiler_options=conv_compiler_options())
-    cost = fn.lower(tok_params, z).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
-    return float((cost or {}).get("flops", 0.0)) / batch / 1e9
+    return compiled_flops(fn.lower(tok_params, z).compile()) / batch / 1e9
 
 
 def batched(fn, x: np.ndarray, batch_size: int) -> np.ndarray:
