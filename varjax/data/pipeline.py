@@ -160,9 +160,9 @@ def _open_source(cfg: ml_collections.ConfigDict, split: str, process_index: int,
         )
     shards = tfds.even_splits(split, n=process_count)
     shard_sizes = tuple(builder.info.splits[s].num_examples for s in shards)
-    # Decode after shuffling and skipping, so that a restore skips cheap encoded records. No auto-cache: an
-    # epoch takes whole batches only and training may stop inside one, so the source is often left partly read;
-    # TF then throws the cache away (no gain) and prints a warning each time.
+    # Decode after shuffling and skipping, so that a restore skips cheap encoded records. No auto-cache (for
+    # every split read here): a training epoch takes whole batches only and training may stop inside one, so the
+    # source is often left partly read; TF then throws the cache away (no gain) and prints a warning each time.
     dataset = builder.as_dataset(
         split=shards[process_index], shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
         read_config=tfds.ReadConfig(try_autocache=False),
