@@ -123,7 +123,7 @@ def optimizer() -> ml_collections.ConfigDict:
         b1=0.9,
         b2=0.95,
         eps=1e-8,
-        sche="lin0",
+        sche=_typed(None, str),  # None: 'lin0', or 'lin<pg>' with progressive training (the official rule)
         wp0=0.005,
         wpe=0.01,
         warmup_steps=_typed(None, int),
@@ -254,7 +254,7 @@ def _generator(task: str) -> ml_collections.ConfigDict:
     c = base(task)
     c.tokenizer_dir = ""  # a model directory from `varjax convert` or `varjax train-tokenizer`
     c.tblr = 1e-4  # lr = tblr * batch_size / 256
-    c.opt.twd, c.opt.twde, c.opt.sche, c.opt.wp0, c.opt.wpe, c.opt.tclip = 0.05, 0.0, "lin0", 0.005, 0.01, 2.0
+    c.opt.twd, c.opt.twde, c.opt.wp0, c.opt.wpe, c.opt.tclip = 0.05, 0.0, 0.005, 0.01, 2.0
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"
     return c

@@ -6,8 +6,10 @@
         --config.lpips_lin_path=weights/vgg.pth --config.lpips_vgg_path=weights/vgg16.pth \
         --config.data.manual_dir=/data/imagenet
 
-`config.vae` holds the released tokenizer's architecture (`vae_ch160v4096z32`); it must match the tokenizer in
-`init_from` (only `dropout` and `beta` may differ). Without `lpips_lin_path` the perceptual loss is off.
+The architecture is the tokenizer's in `init_from`: the `config.vae` fields are None here and are read from its
+model directory (a field set with --config.vae.X=... must agree with it; only `dropout` and `beta` may differ).
+Without `lpips_lin_path` the perceptual loss is off. `configs/tokenizer_finetune.py:runlocal` fine-tunes the
+tokenizer in `init_from` for 2 steps on the embedded shapes data (no ImageNet needed).
 """
 
 from varjax.configs import common
@@ -15,7 +17,10 @@ from varjax.configs import common
 
 def get_config(arg=None):
     a = common.parse_arg(arg, runlocal=False)
-    c = common.tokenizer()  # config.vae defaults to the released vae_ch160v4096z32
+    c = common.tokenizer()
+    for field in common.VQ_FIELDS:  # the architecture of the tokenizer in init_from
+        if field not in ("dropout", "beta"):
+            c.vae[field] = None
     c.init_from = ""  # required: the converted tokenizer directory
     c.require_init_from = True
     c.data.name = "imagenet2012"
@@ -40,7 +45,10 @@ def get_config(arg=None):
     c.eval_every = 5000
     c.image_every = 1000
     if a.runlocal:
-        c.batch_size = 2
+        c.data.name = "varjax_shapes/tiny"
+        c.data.eval_split = "test"
+        c.data.hflip = False
+        c.batch_size = 8  # one example per device on up to 8 devices
         c.total_steps = 2
         c.disc_start = 1
         c.log_every = 1

@@ -1,7 +1,9 @@
 """Optimiser recipe: schedules against a plain-Python statement of the reference formulas, and AdamW
 against the torch AdamW update written out in numpy."""
 
+import json
 import math
+from pathlib import Path
 
 import chex
 import flax.linen as nn
@@ -231,4 +233,40 @@ def test_optimizer_state_on_boxed_params_keeps_logical_axes():
 def test_default_config_is_a_configdict():
     cfg = common.optimizer()
     assert isinstance(cfg, ml_collections.ConfigDict)
-    assert (cfg.b1, cfg.b2, cfg.tclip, cfg.sche) == (0.9, 0.95, 2.0, "lin0")
+    assert (cfg.b1, cfg.b2, cfg.tclip, cfg.sche) == (0.9, 0.95, 2.0, None)
+    assert optim.schedule_name(cfg.sche) == "lin0" and optim.schedule_name(cfg.sche, pg=0.5) == "lin0.5"
+
+
+def _d16_pg_plan(vq_dir, **extra):
+    """The plan of ``var_d16`` shortened to 300 iterations (the data's size given, not read: ImageNet's)."""
+    from varjax.data.sources import DataPlan
+
+    overrides = {"pg": "0.5", "total_epochs": "None", "total_steps": "300", "tokenizer_dir": vq_dir, **extra}
+    data = DataPlan(source="images", cache=None, num_shards=1, steps_per_epoch=1668, num_classes=1000,
+                    image_size=32, config=None)
+    return config.resolve(config.load("var_d16", list(overrides.items())), data=data)
+
+
+def test_progressive_training_follows_the_official_schedule_at_every_iteration(vq_dir):
+    """VAR-d16's recipe with --config.pg=0.5, shortened to 300 iterations: lr and weight decay of every update
+    against the official trainer's values (tests/data/lr_schedule_d16_pg05.json says where they come from)."""
+    ref = json.loads((Path(__file__).parent / "data" / "lr_schedule_d16_pg05.json").read_text())
+    plan = _d16_pg_plan(vq_dir)
+    assert plan.lr_schedule == "lin0.5" and plan.total_steps == ref["args"]["max_it"]
+    assert plan.peak_lr == pytest.approx(ref["args"]["tlr"])
+    tx = optim.for_plan(plan)
+    params = {"w": jnp.ones((2, 2))}
+
+    def update(opt_state, _):
+        _, opt_state = tx.update(jax.tree.map(jnp.zeros_like, params), opt_state, params)
+        hp = optim.current_hparams(opt_state)
+        return opt_state, (hp["lr"], hp["wd"])
+
+    _, (lr, wd) = jax.jit(lambda s: jax.lax.scan(update, s, None, length=plan.total_steps))(tx.init(params))
+    np.testing.assert_allclose(np.asarray(lr), ref["lr"], rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(wd), ref["wd"], rtol=2e-6)
+
+
+def test_an_explicit_schedule_wins_over_the_progressive_rule(vq_dir):
+    assert _d16_pg_plan(vq_dir, **{"opt.sche": "cos"}).lr_schedule == "cos"
+    assert _d16_pg_plan(vq_dir, pg="0.0").lr_schedule == "lin0"

@@ -71,7 +71,7 @@ def _plan(total):
     cfg.progress_every_s = 1e9
     return config.Plan(config=ml_collections.FrozenConfigDict(cfg), task="toy", data=None, model=None,
                        tokenizer_dir=None, tokenizer=None, dtype="float32", seed=0, batch_size=8, steps_per_epoch=100,
-                       total_steps=total, stop_step=total, warmup_steps=0, peak_lr=0.1,
+                       total_steps=total, stop_step=total, warmup_steps=0, peak_lr=0.1, lr_schedule="lin0",
                        mesh=tuple(sharding.mesh_shape(cfg.mesh, jax.device_count()).items()),
                        rules=sharding.normalize_rules(cfg.rules), ema_decay=0.0, process_count=1)
 

@@ -138,3 +138,82 @@ def test_ecar_main_train_resume_sample_on_gs(gcs, capsys):
         assert z["images"].shape == (6, 32, 32, 3) and z["latents"].shape == (6, 8, 8, 4)
     assert (store / "bkt" / "e.png").read_bytes()[:4] == b"\x89PNG"
     assert os.listdir(cwd) == []
+
+
+def test_sample_many_writes_stops_and_resumes_under_a_url(gcs):
+    """Every file of sample-many under gs://: images, chunks, settings, samples.npz; a run stopped after one chunk
+    (a time-limited job) resumes without regenerating it and ends equal to an uninterrupted run."""
+    from tests._sample_many_worker import CLASSES, OPTS, tiny_bundle
+    from varjax.eval.sample_many import read_extra, sample_many
+
+    store, cwd = gcs
+    bundle = tiny_bundle()
+    first = sample_many(bundle, "gs://bkt/many", classes=CLASSES, per_class=5, opts=OPTS, batch_size=8, max_chunks=1)
+    assert first.npz is None and first.generated_chunks == 1
+    chunk0 = store / "bkt" / "many" / "chunks" / "c000000.p000.npz"
+    stamp = chunk0.stat().st_mtime_ns
+    second = sample_many(bundle, "gs://bkt/many", classes=CLASSES, per_class=5, opts=OPTS, batch_size=8)
+    assert second.generated_chunks == 1 and chunk0.stat().st_mtime_ns == stamp
+    assert str(second.npz) == "gs://bkt/many/samples.npz"
+    whole = sample_many(bundle, "gs://bkt/whole", classes=CLASSES, per_class=5, opts=OPTS, batch_size=8)
+    with np.load(store / "bkt" / "many" / "samples.npz") as a, np.load(store / "bkt" / "whole" / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        assert a["arr_1"].tolist() == [3] * 5 + [7] * 5
+    np.testing.assert_array_equal(read_extra("gs://bkt/many"), read_extra(whole.npz.parent))
+    assert len(os.listdir(store / "bkt" / "many" / "images")) == 10
+    assert json.loads((store / "bkt" / "many" / "settings.json").read_text())["per_class"] == 5
+    assert os.listdir(cwd) == []
+
+
+def test_fid_reads_and_writes_urls(gcs):
+    store, cwd = gcs
+    rng = np.random.default_rng(0)
+    feats = {k: rng.normal(size=(20, 8)) for k in ("samples", "ref")}
+    (store / "bkt").mkdir(exist_ok=True)
+    for k, f in feats.items():  # ADM-style files: images plus the statistics and features already computed
+        np.savez(store / "bkt" / f"{k}.npz", arr_0=np.zeros((20, 4, 4, 3), np.uint8), mu=f.mean(0),
+                 sigma=np.cov(f, rowvar=False), pool3=f.astype(np.float32))
+    cli.main(["fid", "--samples", "gs://bkt/samples.npz", "--ref", "gs://bkt/ref.npz", "--out", "gs://bkt/fid.json"])
+    res = json.loads((store / "bkt" / "fid.json").read_text())
+    assert res["fid"] > 0 and res["samples"] == "gs://bkt/samples.npz" and 0 <= res["recall"] <= 1
+    assert os.listdir(cwd) == []
+
+
+def test_convert_from_and_export_to_urls(gcs):
+    from varjax.interop.torch_io import load_state_dict
+
+    store, cwd = gcs
+    golden = ROOT / "tests" / "data" / "golden"
+    (store / "bkt" / "release").mkdir(parents=True)
+    for name in ("vqvae_public.pth", "var_public.pth"):
+        (store / "bkt" / "release" / name).write_bytes((golden / name).read_bytes())
+    cli.main(["convert", "--vae", "gs://bkt/release/vqvae_public.pth", "--var", "gs://bkt/release/var_public.pth",
+              "--patch-nums", "1,2,3,4,6,8", "--out", "gs://bkt/model"])
+    cli.main(["export", "--ckpt", "gs://bkt/model", "--out", "gs://bkt/exported"])
+    for ours, theirs in (("vae.pth", "vqvae_public.pth"), ("var.pth", "var_public.pth")):
+        got, want = load_state_dict(f"gs://bkt/exported/{ours}"), load_state_dict(golden / theirs)
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    assert not [p for p in (store / "bkt" / "exported").iterdir() if "partial" in p.name]
+    assert os.listdir(cwd) == []
+
+
+def test_a_folder_dataset_under_a_url_trains(gcs, capsys):
+    from PIL import Image
+
+    store, cwd = gcs
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            d = store / "bkt" / "images" / split / c
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (40, 36, 3), np.uint8)).save(d / f"{i}.png")
+    cli.main(["train", "--config", "tokenizer_shapes:runlocal", "--workdir", "gs://bkt/tok",
+              "--config.data.name=folder", "--config.data.folder=gs://bkt/images", "--config.total_steps=1",
+              "--config.eval_every=0", "--config.image_every=0", "--config.async_ckpt=False"])
+    rows = [json.loads(line) for line in (store / "bkt" / "tok" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])
+    assert "finished all 1 steps" in capsys.readouterr().out
+    assert os.listdir(cwd) == []

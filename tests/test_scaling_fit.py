@@ -191,3 +191,21 @@ def test_fit_label():
     entry = {"alpha": -0.23, "beta": 2.0, "pearson_r": -0.998}
     assert plot.fit_label(entry, "N", "L_mean") == "L = (2.0e+00 N)^-0.23, r=-0.998"
     assert plot.fit_label({"alpha": None, "n": 1}, "C", "err_tail") == "no fit (1 points)"
+
+
+def test_a_nearly_flat_law_is_kept_by_log_beta(tmp_path):
+    """A flat sweep: beta = exp(log_beta) underflows to 0.0, but the law is rebuilt from log_beta (fits.json and
+    fits.csv carry it)."""
+    x = np.asarray([1e4, 3e4, 1e5, 3e5])
+    y = 2.0 * x ** -1e-4 * np.asarray([1.0, 1.0 + 1e-7, 1.0, 1.0 - 1e-7])
+    law = fit.fit_power_law(x, y)
+    assert law.beta == 0.0 and np.isfinite(law.log_beta)
+    np.testing.assert_allclose(law.predict(x), y, rtol=1e-6)
+    records = [{"name": f"m{i}", "N": float(n), "C": float(n), "L_mean": float(v), "L_tail": float(v),
+                "err_mean": 0.5, "err_tail": 0.5} for i, (n, v) in enumerate(zip(x, y, strict=True))]
+    paths = fit.write_fit_outputs(fit.scaling_report(records), records, str(tmp_path))
+    saved = json.loads(open(paths["fits.json"]).read())["reports"][0]["fits"]["L_mean"]
+    rebuilt = np.exp(saved["alpha"] * (saved["log_beta"] + np.log(x)))
+    np.testing.assert_allclose(rebuilt, y, rtol=1e-6)
+    rows = list(csv.DictReader(open(paths["fits.csv"])))
+    assert float(rows[0]["log_beta"]) == pytest.approx(saved["log_beta"])

@@ -88,3 +88,127 @@ def test_second_sample_start_loads_its_program_from_the_compilation_cache(tmp_pa
     assert "Persistent compilation cache hit for 'jit_generate'" not in first.stderr
     assert "Persistent compilation cache hit for 'jit_generate'" in second.stderr
     assert list((tmp_path / "cache").glob("jit_generate-*"))
+
+
+def _checkpoint_arrays(run) -> dict:
+    """The newest checkpoint's train state as Orbax stored it (numpy), read without varjax's model directory."""
+    import orbax.checkpoint as ocp
+
+    step = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    item = run / "checkpoints" / str(step) / "state"
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(item).item_metadata.tree
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+@pytest.fixture(scope="module")
+def weights(uninterrupted):
+    state = _checkpoint_arrays(uninterrupted)
+    assert any((np.asarray(a) != np.asarray(b)).any()
+               for a, b in zip(jax.tree.leaves(state["ema_params"]), jax.tree.leaves(state["params"]), strict=True))
+    return {"ema": state["ema_params"], "raw": state["params"]}
+
+
+def _bundle_with(run, params):
+    b = model_dir.load_model_dir(run, need_generator=True)
+    b.gen_params = jax.tree.map(np.asarray, params)
+    return b
+
+
+def test_sample_defaults_to_the_ema_weights(uninterrupted, weights, tmp_path):
+    """The command's tokens equal the sampler's on the checkpoint's EMA arrays, and with --no-ema on the raw ones."""
+    from varjax import sampling
+
+    for which, flag in (("ema", []), ("raw", ["--no-ema"])):
+        npz = tmp_path / f"{which}.npz"
+        cli.main(["sample", "--ckpt", str(uninterrupted), "--labels", "0,1,2,3", "--top-k", "1", "--top-p", "0",
+                  "--out", str(tmp_path / "s.png"), "--save-npz", str(npz), *flag])
+        b = _bundle_with(uninterrupted, weights[which])
+        opts = sampling.get("var").options(sampling.defaults(b), cfg=None, top_k=1, top_p=0.0)
+        _, tokens = sampling.get("var").make_sampler(b.tok_cfg, b.gen_cfg, opts)(
+            b.tok_params, b.gen_params, jax.numpy.asarray([0, 1, 2, 3]), jax.random.PRNGKey(0))
+        np.testing.assert_array_equal(np.load(npz)["tokens"], np.asarray(tokens))
+
+
+def test_sample_many_defaults_to_the_ema_weights(uninterrupted, weights, tmp_path):
+    from varjax import sampling
+    from varjax.eval.sample_many import read_extra, sample_many
+
+    for which, flag in (("ema", []), ("raw", ["--no-ema"])):
+        cli.main(["sample-many", "--ckpt", str(uninterrupted), "--out", str(tmp_path / which), "--classes", "0,1",
+                  "--per-class", "2", "--top-k", "1", "--top-p", "0", *flag])
+        b = _bundle_with(uninterrupted, weights[which])
+        opts = sampling.get("var").options(sampling.defaults(b), cfg=None, top_k=1, top_p=0.0)
+        sample_many(b, tmp_path / f"{which}_lib", classes=np.asarray([0, 1], np.int32), per_class=2, opts=opts)
+        np.testing.assert_array_equal(read_extra(tmp_path / which), read_extra(tmp_path / f"{which}_lib"))
+
+
+def test_export_defaults_to_the_ema_weights(uninterrupted, weights, tmp_path):
+    from varjax.interop import convert
+    from varjax.interop.torch_io import load_state_dict
+
+    for which, flag in (("ema", []), ("raw", ["--no-ema"])):
+        cli.main(["export", "--ckpt", str(uninterrupted), "--out", str(tmp_path / which), *flag])
+        b = _bundle_with(uninterrupted, weights[which])
+        want = convert.var_state_dict(b.gen_cfg, b.gen_params)
+        got = load_state_dict(tmp_path / which / "var.pth")
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_eval_defaults_to_the_ema_weights(uninterrupted, weights, tmp_path, monkeypatch):
+    from varjax.eval import consistency
+
+    seen = []
+    real = consistency.sample_per_class
+
+    def spy(bundle, *args, **kwargs):
+        seen.append(bundle.gen_params)
+        return real(bundle, *args, **kwargs)
+
+    monkeypatch.setattr(consistency, "sample_per_class", spy)
+    monkeypatch.setattr(consistency, "tokenizer_numbers", lambda b, n: {})  # held-out images: not what is tested
+    for which, flag in (("ema", []), ("raw", ["--no-ema"])):
+        cli.main(["eval", "--ckpt", str(uninterrupted), "--per-class", "1", "--shape-ref", "0",
+                  "--out", str(tmp_path / f"{which}.json"), *flag])
+        for a, b in zip(jax.tree.leaves(seen.pop()), jax.tree.leaves(weights[which]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_ema_is_sharded_like_the_parameters():
+    """On a 2x2x2 data/fsdp/tensor mesh, created and after a step: every EMA leaf has its parameter's sharding."""
+    from varjax import tasks
+    from varjax.core import mesh as mesh_lib
+    from varjax.data import sources
+
+    p = plan(mesh="(('data', 2), ('fsdp', 2), ('tensor', 2))")
+    mesh = mesh_lib.create_mesh(p.mesh)
+    task = tasks.get("var").build(p, mesh)
+    init_fn, step_fn = train_lib.with_ema(task.init_fn, task.step_fn, p.ema_decay)
+    rng = jax.random.PRNGKey(0)
+    abstract = mesh_lib.abstract_sharded_state(init_fn, mesh, p.rules, rng)
+    state, _ = mesh_lib.create_sharded_state(init_fn, mesh, p.rules, rng)
+
+    def specs(tree):
+        return [leaf.sharding.spec for leaf in jax.tree.leaves(tree)]
+
+    assert specs(abstract["ema_params"]) == specs(abstract["params"])
+    assert any(s != jax.sharding.PartitionSpec() for s in specs(abstract["params"]))  # the test means something
+    assert specs(state["ema_params"]) == specs(state["params"])
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    local = next(sources.train_iterator(p.data, global_batch_size=p.batch_size, process_index=0, process_count=1,
+                                        seed=0))
+    batch = mesh_lib.make_global_batch(local, mesh)
+    with mesh_lib.mesh_rules(mesh, p.rules):
+        new, _ = train_lib.jit_train_step(step_fn, shardings, mesh)(state, batch, task.frozen)
+    assert specs(new["ema_params"]) == specs(new["params"]) == specs(abstract["params"])
+
+
+def test_a_changed_compute_dtype_is_refused_on_resume(tmp_path):
+    train_lib.train(plan(total_steps="4", stop_at_step="2"), str(tmp_path))
+    with pytest.raises(ValueError, match=r"config.model.dtype='float32'.*'bfloat16'.*--config.model.dtype=float32"):
+        train_lib.train(plan(total_steps="4", **{"model.dtype": "bfloat16"}), str(tmp_path))
+    train_lib.train(plan(total_steps="4"), str(tmp_path))  # the same dtype resumes
+    assert (tmp_path / "checkpoints" / "4").is_dir()

@@ -51,7 +51,7 @@ def test_official_recipe_hparams(depth):
     assert c.opt.wpe == pytest.approx(r["wpe"])
     assert c.opt.twde == pytest.approx(r["twde"])
     assert c.model.shared_aln == (depth == 36)
-    assert c.model.dtype == "bfloat16" and c.opt.sche == "lin0"
+    assert c.model.dtype == "bfloat16" and c.opt.sche is None  # the official rule: 'lin0' without pg
     assert c.opt.twd == pytest.approx(0.05) and c.opt.tclip == pytest.approx(2.0)
     assert c.ls == 0.0 and c.model.cond_drop_rate == pytest.approx(0.1)
     assert c.data.name == "imagenet2012"

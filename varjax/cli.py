@@ -3,7 +3,7 @@
 One table, :data:`COMMANDS`: each command's help, its flags and the library function it runs (which tests call
 too). Commands that read a config file take ``--config.field=value`` overrides (``main``: ``--tok.field=value``
 and ``--var.field=value`` / ``--ecar.field=value``). Every failure ends in one ``error:`` paragraph on stderr and
-exit code != 0; ``--debug`` (first) shows the traceback instead.
+exit code != 0; ``--debug`` (anywhere on the command line) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="varjax", description=DESCRIPTION)
-    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (first argument)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (anywhere on the "
+                   "command line)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, c in COMMANDS.items():
         c.arguments(sub.add_parser(name, help=c.help, description=c.help, epilog=c.overrides))
@@ -81,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``varjax [--debug] COMMAND ...``."""
+    """``varjax [--debug] COMMAND ...`` (``--debug`` may come anywhere)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    with errors.boundary(debug=argv[:1] == ["--debug"]):
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    with errors.boundary(debug=debug):
         parser = build_parser()
         args, rest = parser.parse_known_args(argv)
         command = COMMANDS[args.command]

@@ -23,7 +23,6 @@ import difflib
 import importlib.resources
 import importlib.util
 import inspect
-import json
 import math
 import os
 from collections.abc import Callable
@@ -34,7 +33,7 @@ import ml_collections
 
 from varjax import tasks
 from varjax.core import mesh as mesh_lib
-from varjax.core import paths
+from varjax.core import optim, paths
 from varjax.data import sources
 
 _CHECKOUT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -92,7 +91,13 @@ def resolve_config(spec: str) -> str:
 
 
 def load_module(path: str):
-    """The config file at ``path`` as a module; a file that does not run is a ValueError naming the line."""
+    """The config file at ``path`` (a local path or a URL) as a module; a file that does not run is a ValueError
+    naming the line."""
+    if paths.is_url(path):
+        if not paths.resolve(path).is_file():
+            raise ValueError(f"config file {path!r} does not exist.")
+        with paths.local_copy(path) as local:
+            return load_module(local)
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist.")
     module_spec = importlib.util.spec_from_file_location(f"_varjax_config_{abs(hash(path))}", path)
@@ -154,17 +159,35 @@ def set_field(cfg: ml_collections.ConfigDict, dotted: str, value: Any, where: st
     parent[parts[-1]] = value
 
 
+def _call(path: str, what: str, fn: Callable, *args):
+    """``fn(*args)``, a function of a user's config file: any failure is bad input naming the file and the line."""
+    try:
+        return fn(*args)
+    except (ValueError, SystemExit):
+        raise  # already a message for the user (e.g. common.parse_arg's)
+    except Exception as e:  # noqa: BLE001 - any failure while running a user's config file is bad input
+        tb = e.__traceback__
+        line = None
+        while tb is not None:  # the deepest frame of the config file itself
+            if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        where = f", line {line}" if line else ""
+        raise ValueError(f"config file {path}{where}: {what} raised {type(e).__name__}: {e}. Fix the file (or the "
+                         "argument after ':').") from None
+
+
 def load_file(spec: str) -> ml_collections.ConfigDict:
     """``get_config(arg)`` of ``path.py[:arg]`` (``get_config()`` without ':'), with the sweep member of
     ``member=NAME`` applied."""
     path, sep, arg = spec.partition(":")
     module = load_module(path)
-    cfg = module.get_config(arg) if sep else module.get_config()
+    cfg = _call(path, f"get_config({arg!r})" if sep else "get_config()", module.get_config, *((arg,) if sep else ()))
     member = _member_of(arg)
     if member:
         if not hasattr(module, "sweep"):
             raise ValueError(f"--config {spec}: member={member} names a sweep member, but {path} defines no sweep.")
-        members = {m["name"]: m for m in collect_members(module.sweep, arg)}
+        members = {m["name"]: m for m in _call(path, "sweep(add)", collect_members, module.sweep, arg)}
         if member not in members:
             raise ValueError(f"--config {spec}: unknown sweep member {member!r}; the sweep has {sorted(members)}.")
         for key, value in members[member]["overrides"].items():
@@ -332,6 +355,21 @@ def format_config(cfg) -> str:
     return "\n".join(f"{path} = {value!r}" for path, value in flatten(cfg))
 
 
+def changed_fields(cfg, defaults) -> list[tuple[str, Any]]:
+    """``[(field, value)]`` of ``cfg`` whose value differs from ``defaults`` (or that ``defaults`` lacks)."""
+    base = dict(flatten(to_dict(defaults)))
+    return [(k, v) for k, v in flatten(to_dict(cfg)) if k not in base or _canonical(base[k]) != _canonical(v)]
+
+
+def format_changes(cfg, defaults, workdir) -> str:
+    """The config as a log shows it: the fields that differ from the recipe defaults, then where every field is."""
+    changed = changed_fields(cfg, defaults)
+    lines = [f"  {k} = {v!r}" for k, v in changed]
+    head = (f"config: {len(changed)} fields differ from the {cfg.task} defaults (configs/common.py); every field is "
+            f"in {paths.resolve(workdir) / 'config.txt'}")
+    return "\n".join([head + (":" if lines else ""), *lines])
+
+
 def to_dict(cfg) -> dict:
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
@@ -345,7 +383,10 @@ def save(cfg, workdir) -> None:
 def load_saved(workdir) -> dict | None:
     """``workdir/config.json`` as a dict, or None when the workdir has none."""
     f = paths.resolve(workdir) / "config.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    if not f.is_file():
+        return None
+    return paths.read_json(f, "the config of the run in this workdir", "Delete it (the next start writes it again "
+                           "from the config given) or restore it from a copy.")
 
 
 def _canonical(value: Any) -> Any:
@@ -424,6 +465,7 @@ class Plan:
     stop_step: int  # where this run ends: config.stop_at_step, else total_steps
     warmup_steps: int
     peak_lr: float
+    lr_schedule: str  # config.opt.sche, or the official rule for it (varjax.core.optim.schedule_name)
     mesh: tuple[tuple[str, int], ...]  # axis sizes, -1 filled for the device count
     rules: tuple
     ema_decay: float
@@ -512,6 +554,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, p
         stop_step=stop,
         warmup_steps=int(warmup),
         peak_lr=float(derived.peak_lr),
+        lr_schedule=optim.schedule_name(cfg.opt.sche, float(cfg.get("pg", 0.0))),
         mesh=tuple(sizes.items()),
         rules=mesh_lib.normalize_rules(cfg.rules),
         ema_decay=float(cfg.ema_decay),

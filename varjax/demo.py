@@ -25,7 +25,7 @@ import json
 import time
 
 from varjax import config, train
-from varjax.core import paths
+from varjax.core import checkpoint, paths
 from varjax.core.errors import at_least
 from varjax.core.model_dir import load_model_dir
 from varjax.data import caches
@@ -98,16 +98,19 @@ def run(model: str, workdir: str, tok_overrides: list[tuple[str, str]], gen_over
     gen_cfg.tokenizer_dir = str(wd / "tokenizer")
     print("[main] 1/3 training the tokenizer", flush=True)
     train.train(config.resolve(tok_cfg), str(wd / "tokenizer"))
+    _stop_if_preempted(wd)
     if demo.decoder_config:  # same encoder, so the latents are the tokenizer's; samples decode through this one
         dec_cfg = decoder_config(demo, tok_cfg, str(wd / "tokenizer"), dec_overrides)
         print(f"[main] 1/3 teaching the decoder to clean noisy latents ({time.time() - t0:.0f}s so far)", flush=True)
         train.train(config.resolve(dec_cfg), str(wd / "decoder"))
+        _stop_if_preempted(wd)
         gen_cfg.tokenizer_dir = str(wd / "decoder")
     if not _field(gen_cfg, demo.cache_field):
         cache = write_train_cache(gen_cfg, gen_cfg.tokenizer_dir, demo.cache, str(wd / f"{demo.cache}_train"))
         config.set_field(gen_cfg, demo.cache_field, cache)
     print(f"[main] 2/3 training {model.upper()} ({time.time() - t0:.0f}s so far)", flush=True)
     train.train(config.resolve(gen_cfg), str(wd / demo.prefix))
+    _stop_if_preempted(wd)
     print(f"[main] 3/3 sampling and evaluating ({time.time() - t0:.0f}s so far)", flush=True)
     res = evaluate(str(wd / demo.prefix), per_class_n=per_class, flags=demo.sampling, grid=str(wd / "samples.png"))
     shown = min(per_class, GRID_PER_CLASS)
@@ -118,6 +121,14 @@ def run(model: str, workdir: str, tok_overrides: list[tuple[str, str]], gen_over
     print(f"[main] samples: {wd / 'samples.png'} (real test images: {wd / 'real_samples.png'})   numbers: "
           f"{wd / 'eval.json'}")
     return res
+
+
+def _stop_if_preempted(wd) -> None:
+    """After a stage that saved on SIGTERM, the job ends there (exit 0): a re-run continues from that stage."""
+    if checkpoint.preempted():
+        print(f"[main] stopped by a termination signal after saving; re-run the same command to continue in {wd}",
+              flush=True)
+        raise SystemExit(0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from varjax import config, losses, tasks
 from varjax.core import checkpoint, compile_cache, devices, distributed, metrics, model_dir, paths
 from varjax.core import mesh as mesh_lib
-from varjax.core.errors import NonFiniteLossError
+from varjax.core.errors import NonFiniteLossError, StorageError
 from varjax.core.xla_flags import conv_compiler_options
 from varjax.data import sources
 from varjax.models import families
@@ -37,6 +37,11 @@ SAFE_TO_CHANGE = (
     "data.data_dir", "data.manual_dir", "data.folder", "init_from", "distributed.coordinator_address",
     "distributed.num_processes", "distributed.process_id",
 )
+
+
+# Fields a run may not change on resume although the state's shapes stay: the compute dtype changes every step's
+# numbers, so the resumed run would not be the one it continues.
+REFUSED_CHANGES = ("model.dtype",)
 
 
 def with_ema(init_fn: Callable, step_fn: Callable, decay: float) -> tuple[Callable, Callable]:
@@ -69,24 +74,34 @@ def jit_train_step(step_fn: Callable, state_shardings: Any, mesh, conv_bound: bo
 
 
 def check_resume(ckpt: checkpoint.Checkpointer, step: int, abstract: Any, workdir: str, cfg) -> None:
-    """Stops before restoring when the checkpoint's arrays do not have the shapes this config gives, naming the
-    config fields that changed; notes the changes a run can resume with.
+    """Stops before restoring when the checkpoint's arrays do not have the shapes and dtypes this config gives, or
+    the compute dtype changed, naming the config fields that changed; notes the changes a run can resume with.
 
     Raises:
-      ValueError: the shapes differ (nothing has been read or written).
+      ValueError: the state or the compute dtype differs (nothing has been read or written).
     """
     saved = config.load_saved(workdir)
     diffs = config.differences(saved, cfg) if saved else []
+    for field, old, new in diffs:
+        if field in REFUSED_CHANGES:
+            raise ValueError(
+                f"{workdir} holds a run (step {step}) trained with config.{field}={old!r}; this config gives {new!r}. "
+                f"A resumed run computes in the dtype it was trained in, or it is not the run it continues: pass "
+                f"--config.{field}={old} to resume, or start a new --workdir from these weights with "
+                f"--config.init_from={workdir}. Nothing was restored and its checkpoints are unchanged."
+            )
     have, want = ckpt.saved_shapes(step), checkpoint.tree_shapes(abstract)
+    if have == want:
+        have, want = ckpt.saved_dtypes(step), checkpoint.tree_dtypes(abstract)
     if have != want:
         changed = [d for d in diffs if d[0] not in SAFE_TO_CHANGE] or diffs
         fields = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed) or "no config field differs"
         arrays = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         example = ", ".join(f"{k} {have.get(k)} -> {want.get(k)}" for k in arrays[:3])
         raise ValueError(
-            f"{workdir} holds a run (step {step}) whose state has other shapes than this config gives: {fields} "
-            f"(arrays such as {example}). Nothing was restored and its checkpoints are unchanged. Either train in "
-            f"a new --workdir, or start a new workdir from those weights with --config.init_from={workdir}."
+            f"{workdir} holds a run (step {step}) whose state has other shapes or dtypes than this config gives: "
+            f"{fields} (arrays such as {example}). Nothing was restored and its checkpoints are unchanged. Either "
+            f"train in a new --workdir, or start a new workdir from those weights with --config.init_from={workdir}."
         )
     if diffs:
         notes = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
@@ -158,11 +173,14 @@ def train(plan: config.Plan, workdir: str) -> dict:
     compile_cache.enable(cfg.compile_cache)
     jax.config.update("jax_threefry_partitionable", True)  # random numbers independent of the mesh
     name = "train-tokenizer" if plan.task == "tokenizer" else "train"
-    print(f"[{name}] {distributed.describe_processes()}", flush=True)
-    print("Config:\n" + config.format_config(cfg), flush=True)
+    t_start = time.time()
     workdir = str(paths.resolve(workdir))
-    mesh = mesh_lib.create_mesh(plan.mesh)
     is_primary = jax.process_index() == 0
+    print(f"[{name}] {distributed.describe_processes()}", flush=True)
+    if is_primary:
+        defaults = getattr(tasks.get(plan.task), "defaults", None)
+        print(f"[{name}] " + config.format_changes(cfg, defaults(cfg) if defaults else {}, workdir), flush=True)
+    mesh = mesh_lib.create_mesh(plan.mesh)
     task = tasks.get(plan.task).build(plan, mesh)
     init_fn, step_fn = with_ema(task.init_fn, task.step_fn, plan.ema_decay)
     rng = jax.random.PRNGKey(plan.seed)
@@ -214,6 +232,9 @@ def train(plan: config.Plan, workdir: str) -> dict:
         last = {} if idle else _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer,
                                              profiler, start, name)
         ckpt.close()
+        if is_primary and not idle:
+            print(summary(name, plan, task, workdir, start, ckpt.latest_step(), last, time.time() - t_start),
+                  flush=True)
         return last
     finally:
         profiler.close()
@@ -245,7 +266,7 @@ def _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer, 
                 example["flops"] = _flops_per_step(task, compiled[key], plan.batch_size, mesh.size)
         return compiled[key]
 
-    is_preempted = checkpoint.install_preemption_handler()
+    is_preempted = checkpoint.install_preemption_handler(directory=ckpt.directory)
     progress = metrics.Progress(plan.stop_step, start, every_s=cfg.progress_every_s, batch_size=plan.batch_size)
     peak = devices.peak_flops(jax.devices()[0], cfg.peak_tflops)
     last: dict = {}
@@ -290,19 +311,47 @@ def _run(plan, task, step_fn, state, shardings, mesh, train_iter, ckpt, writer, 
             if cfg.eval_every and task.eval_fn and (step % cfg.eval_every == 0 or step == plan.total_steps):
                 with mesh_lib.mesh_rules(mesh, plan.rules):
                     m.update(task.eval_fn(state))
-            writer.write(step, m)
-            if task.on_log is not None:
-                task.on_log(step, state, writer)
+            try:
+                writer.write(step, m)
+                if task.on_log is not None:
+                    task.on_log(step, state, writer)
+            except StorageError as e:  # a full disk: say which checkpoint a re-run resumes from
+                good = ckpt.latest_step()
+                raise StorageError(f"{e} Here that is step {good} in {ckpt.directory}." if good is not None else
+                                   f"{e} No checkpoint was finished yet: a re-run starts afresh.") from None
             last = m
             t_log, n_log = time.time(), 0
-        progress.update(step, last)
+        progress.update(step, progress_metrics(last, task))
         if on_ckpt:
             save(step, force=step == plan.stop_step)
         if is_preempted() or ckpt.reached_preemption(step):
+            checkpoint.acknowledge_preemption()
             print(f"[{name}] preemption signal: saving step {step} and exiting", flush=True)
             save(step, force=True)
             break
     return last
+
+
+def summary(name: str, plan, task, workdir: str, start: int, saved: int | None, last: dict, seconds: float) -> str:
+    """The paragraph that ends a run: steps, time, final metrics, where things are and what to run next."""
+    keys = [k for k in ("loss", *task.progress_keys) if k in last]
+    final = ", ".join(f"{k} {metrics.format_value(last[k])}" for k in keys)
+    done = saved is not None and saved >= plan.total_steps
+    head = (f"[{name}] finished all {plan.total_steps} steps" if done else
+            f"[{name}] stopped at step {saved} of {plan.total_steps}")
+    text = (f"{head} ({'resumed at step ' + str(start) + ', ' if start else ''}{metrics.format_eta(seconds)} "
+            f"in this run){'; last logged ' + final if final else ''}. Checkpoints: {workdir}/checkpoints (latest "
+            f"step {saved}); metrics: {workdir}/metrics.jsonl and TensorBoard events in {workdir}/tb.")
+    if not done:
+        return text + " Re-run the same command to continue (raise config.stop_at_step if it was set)."
+    nxt = task.next_step.format(workdir=workdir)
+    return text + (f" Next: {nxt}" if nxt else "")
+
+
+def progress_metrics(last: dict, task) -> dict:
+    """What the progress line shows of the logged metrics: loss, lr and grad_norm, then the family's own; every
+    logged value is in metrics.jsonl."""
+    return {k: last[k] for k in ("loss", "lr", "grad_norm", *task.progress_keys) if k in last}
 
 
 def _flops_per_step(task, compiled, batch: int, num_devices: int) -> float | None:

@@ -14,6 +14,7 @@ that exists is a finished checkpoint; :meth:`Checkpointer.latest_step` only sees
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import sys
@@ -48,7 +49,8 @@ class _SaidByVarjax(logging.Filter):
             never_retrieved = message.partition("\n")[0].endswith("exception was never retrieved")
             text = (message + _traceback_text(record)).lower()
             return not (never_retrieved and any(k in text for k in ("orbax", "tensorstore", "ocdbt")))
-        if message.startswith(("Metadata file does not exist", "Type handler registry type")):
+        if message.startswith(("Metadata file does not exist", "Type handler registry type",
+                               "Failed to get item metadata")):
             return False
         return not (record.levelno >= logging.ERROR and "/orbax/" in (record.pathname or ""))
 
@@ -91,8 +93,32 @@ def _reason(e: BaseException) -> str:
         places = (re.search(p + r' "([^"]+)"', text) for p in ("Failed writing", "local file", "Error writing"))
         where = [m.group(1) for m in places if m]
         return os_reason.group(1) + (f", writing {where[0]}" if where else "")
+    status = re.match(r"([A-Z_]{5,}): ", text)  # a TensorStore status such as OUT_OF_RANGE or DATA_LOSS
+    files = re.findall(r'(?:local file|file) "([^"]+)"', text)
+    if status and files:
+        return f"{status.group(1)} reading {files[-1]}: the file is shorter than its index says or corrupt"
     first = (text.splitlines() or [type(e).__name__])[0]
     return first if len(first) <= 300 else first[:300] + "..."
+
+
+_JSON_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/_sharding", "meta/metadata")
+
+
+def unparsable_json(folder, names: tuple[str, ...] = _JSON_FILES) -> str | None:
+    """The first of Orbax's JSON metadata files ``names`` under ``folder`` (a checkpoint step by default) that exists
+    and does not parse, relative to ``folder``; None when they all parse."""
+    import json
+
+    for name in names:
+        f = folder / name
+        try:
+            if f.is_file():
+                json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return name
+        except OSError:
+            continue
+    return None
 
 
 class Checkpointer:
@@ -181,8 +207,29 @@ class Checkpointer:
     def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """``{'params/blocks_0/...': shape}`` of the state saved at ``step``, from its metadata alone (no array
         is read), for checking that a run can resume before restoring anything."""
-        meta = self._manager.item_metadata(int(step))[_STATE]
-        return tree_shapes(meta)
+        return tree_shapes(self._state_metadata(step))
+
+    def saved_dtypes(self, step: int) -> dict[str, str]:
+        """``{'params/blocks_0/...': dtype name}`` of the state saved at ``step``, from its metadata alone."""
+        return tree_dtypes(self._state_metadata(step))
+
+    def _state_metadata(self, step: int):
+        try:
+            meta = self._manager.item_metadata(int(step))[_STATE]
+        except Exception as e:  # noqa: BLE001 - damaged metadata surfaces as JSON, TensorStore or Orbax errors
+            raise self._unreadable(step, e) from None
+        if meta is None:
+            raise self._unreadable(step, ValueError("no metadata of the train state"))
+        return meta
+
+    def _unreadable(self, step: int, e: BaseException) -> StorageError:
+        step_dir = self.directory / str(step)
+        bad = unparsable_json(step_dir)
+        reason = f"{bad} is not valid JSON" if bad else _reason(e)
+        return StorageError(
+            f"{step_dir}: the checkpoint of step {step} cannot be read ({reason}). Its files are damaged or "
+            "incomplete: delete that step's directory to resume from the one before it, or start a new --workdir."
+        )
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
         """Loads checkpoint ``step`` (None: latest) directly onto the shardings in ``abstract_state``.
@@ -211,11 +258,7 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # noqa: BLE001 - TensorStore reports damaged files as ValueError and others
-            raise StorageError(
-                f"{self.directory / str(step)}: the checkpoint cannot be read ({_reason(e)}). Its files are "
-                "damaged or incomplete: delete that step's directory to resume from the one before it, or "
-                "start a new --workdir."
-            ) from None
+            raise self._unreadable(step, e) from None
         return restored[_STATE], dict(restored[_META] or {})
 
     def reached_preemption(self, step: int) -> bool:
@@ -262,6 +305,17 @@ def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def tree_dtypes(tree: Any) -> dict[str, str]:
+    """``{'a/b/c': dtype name}`` of every array leaf of a pytree (arrays, ShapeDtypeStructs or Orbax metadata)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None:
+            key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+            out[key] = str(np.dtype(dtype))
+    return out
+
+
 def save_params_dir(path: str, params: Any, *, overwrite: bool = False) -> None:
     """Writes a parameter pytree (numpy or jax arrays) as an Orbax directory at ``path`` and waits for it.
 
@@ -302,27 +356,68 @@ def load_params_dir(path: str, abstract: Any = None) -> Any:
 
 
 _PREEMPTED = threading.Event()
+# After SIGTERM the loop saves and exits at its next step boundary. A run that does not reach one within this many
+# seconds (inside a long compile, an evaluation, a blocked write) is ended by the watchdog instead, so that SIGTERM
+# ends a run in every state; its last finished checkpoint is what a re-run resumes from.
+SIGTERM_GRACE_S = float(os.environ.get("VARJAX_SIGTERM_GRACE_S", "30"))
+_WATCHDOG: dict = {"timer": None, "directory": None}
+
+
+def _exit_unacknowledged() -> None:
+    where = _WATCHDOG["directory"]
+    kept = f" The last finished checkpoint in {where} is intact" if where else " Finished checkpoints are intact"
+    sys.stdout.flush()
+    print(f"error: stopped by a termination signal (SIGTERM) before the run reached a step boundary within "
+          f"{SIGTERM_GRACE_S:.0f} s, so nothing more was saved.{kept}: re-run the same command to resume from it.",
+          file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _on_signal(signum, frame) -> None:
     del frame
-    # Only set a flag: the training loop saves and exits at the next step boundary.
+    if _PREEMPTED.is_set():  # a second signal: stop now
+        _exit_unacknowledged()
+    # Only set a flag: the training loop saves and exits at the next step boundary (acknowledge_preemption);
+    # the watchdog ends the process if it does not get there.
     _PREEMPTED.set()
+    if signum == signal.SIGTERM and _WATCHDOG["timer"] is None:
+        timer = threading.Timer(SIGTERM_GRACE_S, _exit_unacknowledged)
+        timer.daemon = True
+        _WATCHDOG["timer"] = timer
+        timer.start()
 
 
-def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Callable[[], bool]:
+def acknowledge_preemption() -> None:
+    """Called by the loop when it acts on the flag (saves and exits): the watchdog stands down."""
+    timer, _WATCHDOG["timer"] = _WATCHDOG["timer"], None
+    if timer is not None:
+        timer.cancel()
+
+
+def install_preemption_handler(signals: tuple[int, ...] = (signal.SIGTERM,), directory=None) -> Callable[[], bool]:
     """Makes ``signals`` (default SIGTERM, add ``signal.SIGINT`` for Ctrl-C) set a preemption flag.
 
-    Returns ``is_preempted()``. With several processes the handler is not installed: JAX's distributed
-    runtime listens to SIGTERM itself and Orbax's :meth:`Checkpointer.reached_preemption` asks it, so that all
-    processes save at the same step. Call from the main thread.
+    Returns ``is_preempted()``. The loop that polls it calls :func:`acknowledge_preemption` when it acts; a
+    process that does not within :data:`SIGTERM_GRACE_S` seconds of SIGTERM (or gets a second signal) exits with
+    one paragraph naming ``directory``, the checkpoints it leaves. With several processes the handler is not
+    installed: JAX's distributed runtime listens to SIGTERM itself and Orbax's
+    :meth:`Checkpointer.reached_preemption` asks it, so that all processes save at the same step. Call from the
+    main thread.
     """
     if jax.process_count() == 1:
+        _WATCHDOG["directory"] = directory
         for sig in signals:
             signal.signal(sig, _on_signal)
     return _PREEMPTED.is_set
 
 
+def preempted() -> bool:
+    """Whether this process was told to stop (SIGTERM): a command that runs several trainings stops after the one
+    that saved on the signal."""
+    return _PREEMPTED.is_set()
+
+
 def reset_preemption_flag() -> None:
     """Clears the flag set by the handler (for a loop that continues after saving)."""
+    acknowledge_preemption()
     _PREEMPTED.clear()

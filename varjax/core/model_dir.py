@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from flax.core import meta as flax_meta
 
 from varjax.core import paths
-from varjax.core.checkpoint import load_params_dir, save_params_dir
+from varjax.core.checkpoint import load_params_dir, save_params_dir, unparsable_json
 from varjax.core.errors import StorageError
 from varjax.models import families
 from varjax.models.var import PARAM_LAYOUT
@@ -179,7 +179,8 @@ def _subtree(src: dict, ema: bool) -> list[str]:
 
 
 def _damaged(where, e: BaseException) -> StorageError:
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    bad = unparsable_json(where, ("_METADATA", "_sharding", "_CHECKPOINT_METADATA"))
+    reason = f"{bad} is not valid JSON" if bad else (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     return StorageError(
         f"{where}: the parameter files cannot be read ({reason}). They are damaged or incomplete: re-create the "
         "model directory (`varjax convert`, or let the training run write a new checkpoint), or restore it from a "

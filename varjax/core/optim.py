@@ -8,7 +8,8 @@ reference loop (which calls its scheduler every iteration and steps the optimise
 Config fields read by :func:`make_optimizer` (``config.opt``; defaults in ``configs/common.py``):
 
 * ``b1``, ``b2``, ``eps``: AdamW moments (reference: 0.9, 0.95, 1e-8).
-* ``sche``: lr schedule name, one of 'cos', 'lin', 'lin0', 'lin00', 'lin<float>', 'exp'.
+* ``sche``: lr schedule name, one of 'cos', 'lin', 'lin0', 'lin00', 'lin<float>', 'exp'; None (a generator's
+  default) follows the official rule (:func:`schedule_name`): 'lin0', or 'lin<pg>' with progressive training.
 * ``wp0``: lr ratio at the first warm-up iteration; ``wpe``: lr ratio at the end of training.
 * ``warmup_steps`` / ``warmup_epochs`` / ``warmup_examples`` / ``warmup_fraction``: exactly one set (turned
   into steps once, by ``varjax.config.resolve``; the optimizer receives the step count).
@@ -113,6 +114,15 @@ def _decay_fn(sche: str, wpe: float) -> Callable[[jax.Array], jax.Array]:
         f"Unknown learning-rate schedule sche={sche!r} (config field `sche` of the optimiser config); "
         f"expected one of {_KNOWN_SCHEDULES}."
     )
+
+
+def schedule_name(sche: str | None, pg: float = 0.0) -> str:
+    """The lr schedule a run uses: ``sche`` when set; else the official trainer's rule (``utils/arg_util.py``):
+    with progressive training (``pg > 0``) the linear decay ends its first leg at the end of the progression,
+    ``f'lin{pg:g}'``, otherwise 'lin0'."""
+    if sche:
+        return str(sche)
+    return f"lin{pg:g}" if pg > 0 else "lin0"
 
 
 def lr_factor(step, *, sche: str, wp_it: float, max_it: int, wp0: float, wpe: float) -> jax.Array:
@@ -220,7 +230,8 @@ class Schedules(NamedTuple):
     wd: Callable[[jax.Array], jax.Array]
 
 
-def make_schedules(cfg_opt, *, peak_lr: float, total_steps: int, warmup_steps: int) -> Schedules:
+def make_schedules(cfg_opt, *, peak_lr: float, total_steps: int, warmup_steps: int,
+                   sche: str | None = None) -> Schedules:
     """lr and wd as functions of the update count (see module docstring for the fields of ``cfg_opt``).
 
     Args:
@@ -228,11 +239,12 @@ def make_schedules(cfg_opt, *, peak_lr: float, total_steps: int, warmup_steps: i
       peak_lr: lr at the end of warm-up (see :func:`peak_lr`).
       total_steps: iterations of the whole run (reference ``max_it``).
       warmup_steps: warm-up iterations (reference ``wp_it``).
+      sche: the schedule's name, resolved (``Plan.lr_schedule``); None: ``schedule_name(cfg_opt.sche)``.
     """
     ac = int(cfg_opt.ac)
     # Read the fields once so later edits of the config cannot change a built optimiser.
-    lr_kw = dict(sche=str(cfg_opt.sche), wp_it=warmup_steps, max_it=total_steps, wp0=float(cfg_opt.wp0),
-                 wpe=float(cfg_opt.wpe))
+    lr_kw = dict(sche=sche or schedule_name(cfg_opt.sche), wp_it=warmup_steps, max_it=total_steps,
+                 wp0=float(cfg_opt.wp0), wpe=float(cfg_opt.wpe))
     wd_kw = dict(twd=float(cfg_opt.twd), twde=cfg_opt.twde, max_it=total_steps)
     _decay_fn(lr_kw["sche"], lr_kw["wpe"])  # fail early on a bad schedule name
 
@@ -249,7 +261,8 @@ def make_schedules(cfg_opt, *, peak_lr: float, total_steps: int, warmup_steps: i
     return Schedules(lr=lr, wd=wd)
 
 
-def make_optimizer(cfg_opt, *, peak_lr: float, total_steps: int, warmup_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg_opt, *, peak_lr: float, total_steps: int, warmup_steps: int,
+                   sche: str | None = None) -> optax.GradientTransformation:
     """AdamW of the reference: clip -> Adam -> decoupled wd (masked) -> -lr, with optional accumulation.
 
     The lr and wd are injected hyper-parameters, so the values used by the latest update can be read
@@ -257,7 +270,8 @@ def make_optimizer(cfg_opt, *, peak_lr: float, total_steps: int, warmup_steps: i
     ``optax.MultiSteps`` that averages ``ac`` gradients (the reference scales each micro-loss by 1/ac and
     sums) and updates on every ``ac``-th call. Arguments as in :func:`make_schedules`.
     """
-    schedules = make_schedules(cfg_opt, peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps)
+    schedules = make_schedules(cfg_opt, peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                               sche=sche)
     tclip = float(cfg_opt.tclip or 0.0)
     nowd_keys = tuple(cfg_opt.nowd_keys or ())
 
@@ -303,6 +317,6 @@ def current_lr(opt_state) -> jax.Array:
 
 def for_plan(plan) -> optax.GradientTransformation:
     """The optimizer of a resolved run (``varjax.config.Plan``): ``config.opt`` with the plan's peak learning rate,
-    total and warm-up steps."""
+    schedule, total and warm-up steps."""
     return make_optimizer(plan.config.opt, peak_lr=plan.peak_lr, total_steps=plan.total_steps,
-                          warmup_steps=plan.warmup_steps)
+                          warmup_steps=plan.warmup_steps, sche=plan.lr_schedule)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from varjax.core import paths
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -34,11 +35,13 @@ def to_unit_float(arr: np.ndarray, source: str) -> np.ndarray:
 
 
 def _open_image(path: str | os.PathLike, mode: str) -> Image.Image:
-    """The decoded image in ``mode``; an unreadable or corrupt file is a ValueError naming it."""
-    if not Path(path).is_file():
+    """The decoded image in ``mode`` (a local path or a URL); an unreadable or corrupt file is a ValueError naming
+    it."""
+    p = paths.resolve(path)
+    if not p.is_file():
         raise FileNotFoundError(2, "no such image file", str(path))
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(p.read_bytes())) as img:
             return img.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(
@@ -60,11 +63,11 @@ def load_image_file(path: str | os.PathLike, size: int | None = None) -> np.ndar
 
 
 def load_images(src: str | os.PathLike, size: int | None = None) -> np.ndarray:
-    """A folder of image files or a ``.npy``/``.npz`` array -> (B, H, W, 3) float32 in [0, 1].
+    """A folder of image files or a ``.npy``/``.npz`` array (local or a URL) -> (B, H, W, 3) float32 in [0, 1].
 
     ``.npz`` files use the key ``images`` (or their only array). Folders are read in sorted order.
     """
-    p = Path(src)
+    p = paths.resolve(src)
     if not p.exists():
         raise FileNotFoundError(2, "no such folder or file (expected a folder of images or a .npy/.npz array)",
                                 str(p))
@@ -84,12 +87,13 @@ def load_images(src: str | os.PathLike, size: int | None = None) -> np.ndarray:
     return arr
 
 
-def _load_array(p: Path) -> np.ndarray:
+def _load_array(p) -> np.ndarray:
     """(B, H, W, 3) float32 in [0, 1] from a ``.npy`` or ``.npz`` file (key ``images`` or its only array)."""
     try:
+        data = io.BytesIO(p.read_bytes())
         if p.suffix == ".npy":
-            return to_unit_float(np.load(p, allow_pickle=False), str(p))
-        with np.load(p, allow_pickle=False) as z:
+            return to_unit_float(np.load(data, allow_pickle=False), str(p))
+        with np.load(data, allow_pickle=False) as z:
             keys = list(z.keys())
             key = "images" if "images" in keys else (keys[0] if len(keys) == 1 else None)
             if key is None:
@@ -120,8 +124,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def save_png(path: str | os.PathLike, image_HW3: np.ndarray) -> None:
     """Writes a PNG (local path or URL, parent directories created)."""
-    from varjax.core import paths
-
     buf = io.BytesIO()
     Image.fromarray(to_uint8(image_HW3)).save(buf, format="PNG")
     paths.write_bytes(path, buf.getvalue())

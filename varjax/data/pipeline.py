@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from etils import epath
 
+from varjax.core import paths
 from varjax.data import iterator, shapes_tfds  # noqa: F401  (shapes_tfds registers `varjax_shapes` with TFDS)
 from varjax.data.iterator import Batch, DataIterator
+from varjax.data.tf_import import tf, tfds
 
 # Extensions decoded by `tf.io.decode_image` (the only decoder used for folders).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -90,51 +90,72 @@ def _tfds_builder(cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """
     builder = _tfds_lookup(cfg)
     if not builder.is_prepared():
-        manual_dir = cfg.manual_dir
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        try:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=cfg.manual_dir))
+        except Exception as e:  # noqa: BLE001 - TFDS reports missing files and failed downloads in many types
+            raise ValueError(_not_prepared(cfg, builder, e)) from None
     return builder
 
 
-def _split_dir(cfg: ml_collections.ConfigDict, split: str) -> str:
-    """The folder of `split`; 'validation' and 'test' fall back to 'val' like the reference's layout."""
+def _not_prepared(cfg: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, e: BaseException) -> str:
+    """One paragraph: the dataset is not prepared and why it could not be, naming the config fields to set."""
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0].partition(". Create it")[0]
+    text = (f"config.data.name={cfg.name!r}: the TFDS dataset is not prepared in {builder.data_dir} "
+            f"(config.data.data_dir={cfg.data_dir!r}) and preparing it failed ({reason[:300].rstrip('.')}).")
+    manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    if manual:
+        where = repr(cfg.manual_dir) if cfg.manual_dir else "unset, so TFDS looks in DATA_DIR/downloads/manual"
+        files = " ".join(line.strip() for line in manual.strip().splitlines() if line.strip())
+        text += (f" It is prepared from files you download yourself into config.data.manual_dir (now {where}): "
+                 f"{files}")
+    return text + (" Set config.data.data_dir to a directory where the dataset is prepared, or provide its files "
+                   "and re-run; config.data.name='folder' with config.data.folder reads a folder of images instead.")
+
+
+def _split_dir(cfg: ml_collections.ConfigDict, split: str) -> epath.Path:
+    """The folder of `split` (local or a URL); 'validation' and 'test' fall back to 'val' like the reference's
+    layout."""
     root = cfg.folder
     if not root:
-        raise ValueError("data config: name='folder' needs `folder`, the root holding train/ and val/.")
+        raise ValueError("config.data.folder is empty: with config.data.name='folder' it names the root holding "
+                         "train/ and val/ class folders (a local path or a URL).")
     candidates = [split] + (["val"] if split in ("validation", "test") else [])
     for candidate in candidates:
-        path = os.path.join(root, candidate)
-        if os.path.isdir(path):
+        path = paths.resolve(root) / candidate
+        if path.is_dir():
             return path
-    tried = " or ".join(os.path.join(root, c) for c in candidates)
-    raise ValueError(f"data config: folder split {split!r} not found; expected a directory {tried}.")
+    tried = " or ".join(str(paths.resolve(root) / c) for c in candidates)
+    raise ValueError(f"config.data.folder={root!r}: split {split!r} not found; expected a directory {tried} holding "
+                     "one folder of images per class.")
 
 
 def _class_names(cfg: ml_collections.ConfigDict) -> list[str]:
     """Sorted class folder names of the train split (they define the class ids of every split)."""
     train = _split_dir(cfg, cfg.train_split)
-    names = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+    names = sorted(d.name for d in train.iterdir() if d.is_dir())
     if not names:
-        raise ValueError(f"data config: folder {train} has no class subfolders; expected {train}/<class>/.")
+        raise ValueError(f"config.data.folder={cfg.folder!r}: {train} has no class subfolders; expected "
+                         f"{train}/<class>/<image>.")
     return names
 
 
 def _folder_files(cfg: ml_collections.ConfigDict, split: str) -> tuple[list[str], list[int]]:
     """All image paths of a folder split, sorted by (class, file name), and their class ids."""
     split_dir = _split_dir(cfg, split)
-    paths, labels = [], []
+    files, labels = [], []
     for label, name in enumerate(_class_names(cfg)):
-        class_dir = os.path.join(split_dir, name)
-        if not os.path.isdir(class_dir):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
             continue
-        files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-        paths += [os.path.join(class_dir, f) for f in files]
-        labels += [label] * len(files)
-    if not paths:
+        found = sorted(f.name for f in class_dir.iterdir() if f.name.lower().endswith(IMAGE_EXTENSIONS))
+        files += [str(class_dir / f) for f in found]
+        labels += [label] * len(found)
+    if not files:
         raise ValueError(
-            f"data config: folder {split_dir} holds no images; expected {split_dir}/<class>/<image> with "
-            f"one of the extensions {', '.join(IMAGE_EXTENSIONS)}."
+            f"config.data.folder={cfg.folder!r}: {split_dir} holds no images; expected {split_dir}/<class>/<image> "
+            f"with one of the extensions {', '.join(IMAGE_EXTENSIONS)}."
         )
-    return paths, labels
+    return files, labels
 
 
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
@@ -142,15 +163,26 @@ def _decode_file(path: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(image, [None, None, 3])
 
 
+def _read_url(path: bytes) -> bytes:
+    return paths.resolve(path.decode()).read_bytes()
+
+
+def _decode_url(path: tf.Tensor) -> tf.Tensor:
+    """A file under a URL, read through the path layer (``tf.io`` knows only the file systems built into TF)."""
+    data = tf.numpy_function(_read_url, [path], tf.string, stateful=False)
+    image = tf.io.decode_image(tf.reshape(data, []), channels=3, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
 def _open_source(cfg: ml_collections.ConfigDict, split: str, process_index: int, process_count: int) -> _Source:
     if _is_folder(cfg):
-        paths, labels = _folder_files(cfg, split)
-        shard_sizes = tuple(len(paths[p::process_count]) for p in range(process_count))
+        files, labels = _folder_files(cfg, split)
+        shard_sizes = tuple(len(files[p::process_count]) for p in range(process_count))
         dataset = tf.data.Dataset.from_tensor_slices({
-            "image": paths[process_index::process_count],
+            "image": files[process_index::process_count],
             "label": np.asarray(labels[process_index::process_count], dtype=np.int64),
         })
-        return _Source(dataset, _decode_file, shard_sizes)
+        return _Source(dataset, _decode_url if paths.is_url(cfg.folder) else _decode_file, shard_sizes)
 
     builder = _tfds_builder(cfg)
     if split not in builder.info.splits:

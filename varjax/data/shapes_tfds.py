@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import tensorflow_datasets as tfds
-
 from varjax.data import shapes
 from varjax.data.shapes import CLASS_NAMES, draw_example
+from varjax.data.tf_import import tfds
 
 
 @dataclasses.dataclass

@@ -13,9 +13,9 @@ TFDS metadata only for a TFDS dataset that the run then reads anyway.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
+from varjax.core import paths
 from varjax.data import caches
 
 SOURCES = ("images", "tokens", "latents")
@@ -53,11 +53,14 @@ def num_classes(data_cfg) -> int:
     """Class count of a dataset: known names without opening anything, class folders, else TFDS metadata."""
     name = str(data_cfg.name)
     if name == "folder":
-        root = os.path.join(str(data_cfg.folder or ""), data_cfg.train_split)
-        if not os.path.isdir(root):
-            raise ValueError(f"data config: name='folder' needs `folder` with a {data_cfg.train_split}/ directory; "
-                             f"{root} does not exist.")
-        return len([d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))])
+        if not data_cfg.folder:
+            raise ValueError("config.data.folder is empty: with config.data.name='folder' it names the root holding "
+                             f"{data_cfg.train_split}/<class>/<image> (a local path or a URL).")
+        root = paths.resolve(data_cfg.folder) / data_cfg.train_split
+        if not root.is_dir():
+            raise ValueError(f"config.data.folder={data_cfg.folder!r}: {root} does not exist; expected "
+                             f"{root}/<class>/<image>, one folder of images per class.")
+        return len([d for d in root.iterdir() if d.is_dir()])
     base = name.split("/")[0].split(":")[0]
     if base in KNOWN_NUM_CLASSES:
         return KNOWN_NUM_CLASSES[base]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import time
 
 from varjax.core import paths
 from varjax.core.errors import at_least
+from varjax.core.metrics import format_eta
 
 
 def eval_args(p: argparse.ArgumentParser) -> None:
@@ -62,16 +63,15 @@ def fid(a) -> None:
     from varjax.eval.inception import evaluate_fid
 
     if a.out:
-        out = Path(a.out)
+        out = paths.resolve(a.out)
     elif a.samples.startswith("tfds:"):
-        out = Path("fid.json")
+        out = paths.resolve("fid.json")
     else:
-        s = Path(a.samples)
+        s = paths.resolve(a.samples)
         out = s.with_name(s.name.removesuffix(".npz") + "_fid.json")
     res = evaluate_fid(a.samples, a.ref, a.inception, out, a.batch_size, jnp.dtype(a.dtype), a.image_size,
                        a.preprocess)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    paths.write_json(out, res)
     print(json.dumps(res, indent=2))
     print(f"[fid] wrote {out}")
 
@@ -98,13 +98,19 @@ def sample_many(a) -> None:
     from varjax.core.model_dir import load_model_dir
     from varjax.eval.sample_many import parse_classes, sample_many
 
+    t0 = time.time()
     distributed.init_distributed()  # pods and clusters are detected from the environment; one process otherwise
     b = load_model_dir(a.ckpt, need_generator=True, ema=not a.no_ema)
     opts = sampling.get(b.family).options(sampling.defaults(b), **vars(a))
     classes = parse_classes(a.classes, b.gen_cfg.num_classes)
     res = sample_many(b, a.out, classes=classes, per_class=a.per_class, opts=opts, seed=a.seed,
                       batch_size=a.batch_size, max_chunks=a.max_chunks)
+    took = format_eta(time.time() - t0)
+    out = paths.resolve(a.out)
     if res.npz is None:
-        print(f"[sample-many] stopped after {res.generated_chunks} new chunks; re-run to continue")
+        print(f"[sample-many] stopped after {res.generated_chunks} new chunks ({took}); re-run the same command to "
+              f"continue in {out}")
     else:
-        print(f"[sample-many] {res.num_samples} samples ({res.generated_chunks} chunks generated now) -> {res.npz}")
+        print(f"[sample-many] {res.num_samples} samples of {len(classes)} classes in {out} ({res.generated_chunks} "
+              f"chunks generated in this run, {took}): images in {out / 'images'}, all of them in {res.npz}. Next: "
+              f"varjax fid --samples {res.npz} --ref REF.npz --inception pt_inception-2015-12-05-6726825d.pth")

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
+from varjax.core import paths
 from varjax.data.images import IMAGE_EXTS
 from varjax.eval.fid import feature_stats, frechet_distance, inception_score, precision_recall
 from varjax.models.inception import InceptionV3, convert_inception
@@ -41,16 +43,24 @@ STATS = ("mu", "sigma", "mu_s", "sigma_s")
 # Features, sharded over the local devices.
 
 
+# pytorch-fid's port of the TF Inception graph of the FID paper; torch.hub names a file by the first digits of its
+# SHA-256, so the file's SHA-256 starts with 6726825d.
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")
+INCEPTION_WHERE = (f"download it once from {INCEPTION_URL} (its SHA-256 starts with 6726825d, check with "
+                   "`sha256sum`); nothing is downloaded at run time")
+
+
 def load_inception(path) -> dict:
-    """Flax params from a pytorch-fid ``pt_inception-2015-12-05-*.pth`` (read torch-free)."""
+    """Flax params from a pytorch-fid ``pt_inception-2015-12-05-*.pth`` (read torch-free; a local path or URL)."""
     from varjax.interop.torch_io import load_state_dict
 
     if not path:
-        raise ValueError(
-            "--inception: FID needs the Inception-v3 weights of pytorch-fid (pt_inception-2015-12-05-6726825d.pth, "
-            "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/); nothing is downloaded at run "
-            "time, so pass the file's path with --inception."
-        )
+        raise ValueError(f"--inception: FID needs the Inception-v3 weights of pytorch-fid "
+                         f"(pt_inception-2015-12-05-6726825d.pth): {INCEPTION_WHERE}. Pass the file with --inception.")
+    if not paths.resolve(path).is_file():
+        raise ValueError(f"--inception {path}: no such file. It is pytorch-fid's Inception-v3 weights: "
+                         f"{INCEPTION_WHERE}.")
     return convert_inception(load_state_dict(path), source=str(path))
 
 
@@ -88,8 +98,8 @@ class InceptionFeatures:
 
 
 @contextlib.contextmanager
-def _npz_member(path: Path, key: str):
-    with zipfile.ZipFile(path) as z:
+def _npz_member(path: epath.Path, key: str):
+    with path.open("rb") as fh, zipfile.ZipFile(fh) as z:
         if f"{key}.npy" not in z.namelist():
             raise ValueError(f"{path}: no array '{key}' (found {[n[:-4] for n in z.namelist()]}).")
         with z.open(f"{key}.npy") as f:
@@ -102,7 +112,7 @@ def _npy_header(f) -> tuple:
     return read(f)
 
 
-def npz_image_shape(path: Path) -> tuple[int, ...]:
+def npz_image_shape(path: epath.Path) -> tuple[int, ...]:
     with _npz_member(path, "arr_0") as f:
         shape, _, dtype = _npy_header(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
@@ -112,7 +122,7 @@ def npz_image_shape(path: Path) -> tuple[int, ...]:
     return shape
 
 
-def npz_image_batches(path: Path, batch: int) -> Iterator[np.ndarray]:
+def npz_image_batches(path: epath.Path, batch: int) -> Iterator[np.ndarray]:
     """``arr_0`` in batches without loading it whole (50,000 256px images are 9.8 GB)."""
     with _npz_member(path, "arr_0") as f:
         shape, fortran, _ = _npy_header(f)
@@ -124,11 +134,15 @@ def npz_image_batches(path: Path, batch: int) -> Iterator[np.ndarray]:
             yield np.frombuffer(f.read(n * row), np.uint8).reshape(n, *shape[1:])
 
 
-def _read_u8(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), np.uint8)
+def _read_u8(path: epath.Path) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(path.read_bytes())) as img:
+            return np.asarray(img.convert("RGB"), np.uint8)
+    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}).") from None
 
 
-def folder_image_batches(files: list[Path], batch: int) -> Iterator[np.ndarray]:
+def folder_image_batches(files: list[epath.Path], batch: int) -> Iterator[np.ndarray]:
     for i in range(0, len(files), batch):
         imgs = [_read_u8(f) for f in files[i : i + batch]]
         if len({im.shape for im in imgs}) > 1:
@@ -148,9 +162,8 @@ def center_crop(img: Image.Image, size: int) -> np.ndarray:
 
 
 def tfds_image_batches(spec: str, batch: int, size: int) -> tuple[int, Iterator[np.ndarray]]:
-    import tensorflow_datasets as tfds
-
     from varjax.data import pipeline  # also registers varjax_shapes with TFDS
+    from varjax.data.tf_import import tfds
 
     name, _, split = spec[len("tfds:") :].rpartition("/")  # a name may carry its config: varjax_shapes/32/test
     if not name or not split:
@@ -178,7 +191,7 @@ def read_set(spec: str, features: InceptionFeatures | None, batch: int, image_si
     if spec.startswith("tfds:"):
         count, batches = tfds_image_batches(spec, batch, image_size)
         return _from_images(features, batches, count, spec), True
-    p = Path(spec)
+    p = paths.resolve(spec)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
         if not files:
@@ -187,7 +200,7 @@ def read_set(spec: str, features: InceptionFeatures | None, batch: int, image_si
     if p.suffix != ".npz" or not p.is_file():
         raise ValueError(f"{spec}: expected a folder of images, an .npz (ADM images 'arr_0' or statistics "
                          "'mu'/'sigma') or tfds:NAME/SPLIT.")
-    with np.load(p, allow_pickle=False) as z:
+    with p.open("rb") as fh, np.load(fh, allow_pickle=False) as z:  # lazily: arr_0 is not read here
         keys = set(z.keys())
         stats = {k: z[k] for k in (*STATS, *FEATURES) if k in keys and k != "spatial"}
     if "arr_0" not in keys:
@@ -205,11 +218,11 @@ def _from_images(features: InceptionFeatures | None, batches, count: int, spec: 
     if features is None:
         raise ValueError(
             f"{spec}: images need the Inception network; pass its weights with --inception "
-            "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth)."
+            f"(pytorch-fid's pt_inception-2015-12-05-6726825d.pth: {INCEPTION_WHERE})."
         )
     from varjax.core.metrics import Progress
 
-    prog, done, parts = Progress(count, every_s=30.0, batch_size=1), 0, []
+    prog, done, parts = Progress(count, every_s=30.0, batch_size=1, unit="images"), 0, []
     for b in batches:
         parts.append(features([b]))
         done += len(b)
@@ -260,11 +273,12 @@ def fid_of_images(images01: np.ndarray, inception: str | None, ref: str, batch_s
     return {**res, "fid_ref": str(ref)}
 
 
-def stats_path(out: Path, which: str) -> Path:
+def stats_path(out, which: str) -> epath.Path:
+    out = paths.resolve(out)
     return out.with_name(out.name.removesuffix(".json") + f".{which}_stats.npz")
 
 
-def evaluate_fid(samples: str, ref: str, inception: str | None, out: Path, batch_size: int = 64,
+def evaluate_fid(samples: str, ref: str, inception: str | None, out, batch_size: int = 64,
                  dtype=jnp.float32, image_size: int = 256, preprocess: str = "torch") -> dict:
     features = None
     if inception:
@@ -273,7 +287,7 @@ def evaluate_fid(samples: str, ref: str, inception: str | None, out: Path, batch
     for which, spec in (("samples", samples), ("ref", ref)):
         stats, computed = read_set(spec, features, batch_size, image_size)
         if computed:
-            np.savez(stats_path(out, which), **stats)
+            paths.write_npz(stats_path(out, which), **stats)
             print(f"[fid] {spec}: statistics saved to {stats_path(out, which)}")
         sets[which] = stats
     res = metrics(sets["samples"], sets["ref"])

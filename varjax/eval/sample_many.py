@@ -11,7 +11,8 @@ classes are generated.
 
 Devices and hosts. The labels of a chunk are sharded over a 1-D mesh of all devices; each process hands in
 its share (``jax.make_array_from_process_local_data``) and writes the images of its own devices. All
-processes must see the same output directory.
+processes must see the same output directory, a local path or a URL (``gs://bucket/run``): every file goes
+through ``varjax.core.paths``.
 
 Output directory::
 
@@ -30,19 +31,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
+import io
 import zipfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from varjax import sampling
+from varjax.core import paths
 
 
 def parse_classes(spec: str, num_classes: int) -> np.ndarray:
@@ -84,14 +85,14 @@ def make_indexed_sampler(family: str, tok_cfg, gen_cfg, opts):
     return jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0, None)))
 
 
-def _chunk_file(out: Path, chunk: int, proc: int) -> Path:
+def _chunk_file(out: epath.Path, chunk: int, proc: int) -> epath.Path:
     return out / "chunks" / f"c{chunk:06d}.p{proc:03d}.npz"
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def _png_bytes(image_HW3: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image_HW3).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _local_rows(sharding: NamedSharding, batch: int) -> np.ndarray:
@@ -109,17 +110,21 @@ def _gather_rows(x_B: jax.Array, rows: np.ndarray) -> np.ndarray:
     return full[rows]
 
 
-def _done_chunks(out: Path, n_chunks: int) -> np.ndarray:
-    """(n_chunks,) bool: every process's file of the chunk exists; decided by process 0 for all."""
+def _done_chunks(out: epath.Path, n_chunks: int) -> np.ndarray:
+    """(n_chunks,) bool: every process's file of the chunk exists; decided by process 0 for all (one listing of
+    the chunk folder, not a request per file: on an object store 50,000 samples are thousands of files)."""
     n_proc = jax.process_count()
-    done = np.asarray([all(_chunk_file(out, c, p).is_file() for p in range(n_proc)) for c in range(n_chunks)])
+    folder = out / "chunks"
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    done = np.asarray([all(_chunk_file(out, c, p).name in names for p in range(n_proc)) for c in range(n_chunks)])
     return np.asarray(multihost_utils.broadcast_one_to_all(done)) if n_proc > 1 else done
 
 
-def _check_settings(out: Path, settings: dict) -> None:
+def _check_settings(out: epath.Path, settings: dict) -> None:
     f = out / "settings.json"
     if f.is_file():
-        old = json.loads(f.read_text())
+        old = paths.read_json(f, "the settings of the samples in this folder", "Delete the folder's files and sample "
+                              "again, or choose a new --out.")
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             raise ValueError(
@@ -127,24 +132,24 @@ def _check_settings(out: Path, settings: dict) -> None:
                 "or choose a new --out."
             )
     elif jax.process_index() == 0:
-        f.write_text(json.dumps(settings, indent=2))
+        paths.write_json(f, settings)
 
 
-def write_adm_npz(path: Path, chunks: list[list[Path]], n: int, hw3: tuple[int, int, int]) -> None:
+def write_adm_npz(path, chunks: list[list[epath.Path]], n: int, hw3: tuple[int, int, int]) -> None:
     """ADM-format npz (arr_0 uint8 (N, H, W, 3), arr_1 labels) streamed chunk by chunk, in sample order.
 
-    ``chunks`` lists each chunk's files (one per process); rows are ordered by their sample positions.
+    ``chunks`` lists each chunk's files (one per process); rows are ordered by their sample positions. The file
+    is written locally (a temporary file for a URL) and appears whole at ``path``.
     """
-    tmp = path.with_name(path.name + ".tmp")
     labels, written = [], 0
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+    with paths.local_output(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         with z.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, *hw3)})
             for files in chunks:
                 parts = []
                 for cf in files:
-                    with np.load(cf) as c:
-                        parts.append((c["positions"], c["images"], c["labels"]))
+                    c = paths.load_npz(cf)
+                    parts.append((c["positions"], c["images"], c["labels"]))
                 pos = np.concatenate([p for p, _, _ in parts])
                 order = np.argsort(pos, kind="stable")
                 if not np.array_equal(pos[order], np.arange(written, written + len(pos))):
@@ -155,16 +160,15 @@ def write_adm_npz(path: Path, chunks: list[list[Path]], n: int, hw3: tuple[int, 
                 written += len(pos)
         with z.open("arr_1.npy", "w") as f:
             np.lib.format.write_array(f, np.concatenate(labels))
-    os.replace(tmp, path)
 
 
 def read_extra(out, key: str = "tokens") -> np.ndarray:
     """What the samples of a finished run carry besides their images (VAR's (N, L) ``tokens``, E-CAR's
     ``latents``), in sample order (from the chunk files)."""
     parts = []
-    for f in sorted((Path(out) / "chunks").glob("c*.p*.npz")):
-        with np.load(f) as z:
-            parts.append((z["positions"], z[key]))
+    for f in sorted((paths.resolve(out) / "chunks").glob("c*.p*.npz")):
+        z = paths.load_npz(f)
+        parts.append((z["positions"], z[key]))
     pos = np.concatenate([p for p, _ in parts])
     return np.concatenate([t for _, t in parts])[np.argsort(pos, kind="stable")]
 
@@ -173,7 +177,7 @@ def read_extra(out, key: str = "tokens") -> np.ndarray:
 class Result:
     num_samples: int
     generated_chunks: int  # chunks generated by this call (resumed runs skip finished ones)
-    npz: Path | None  # None when stopped early by max_chunks
+    npz: epath.Path | None  # None when stopped early by max_chunks
 
 
 def sample_many(
@@ -196,9 +200,7 @@ def sample_many(
     """
     from varjax.core.metrics import Progress
 
-    out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "chunks").mkdir(parents=True, exist_ok=True)
+    out = paths.resolve(out)
     devices = list(devices or jax.devices())
     mesh = Mesh(np.asarray(devices), ("data",))
     B = batch_size or 8 * len(devices)
@@ -217,7 +219,7 @@ def sample_many(
     tok_p, gen_p = (jax.device_put(jax.tree.map(np.asarray, t), rep) for t in (bundle.tok_params, bundle.gen_params))
     done = _done_chunks(out, n_chunks)
     proc = jax.process_index()
-    prog = Progress(N, start_step=min(int(done.sum()) * B, N), every_s=progress_every_s, batch_size=1)
+    prog = Progress(N, start_step=min(int(done.sum()) * B, N), every_s=progress_every_s, batch_size=1, unit="images")
     generated = 0
     for c in range(n_chunks):
         if done[c]:
@@ -233,10 +235,9 @@ def sample_many(
         local, extra = _gather_rows(imgs, rows)[valid], _gather_rows(extra, rows)[valid]
         g = g[valid]
         for im, p in zip(local, g, strict=True):
-            name = out / "images" / f"c{labels[p]:04d}_i{index[p]:04d}.png"
-            Image.fromarray(im).save(name.with_name(name.name + ".tmp.png"))
-            os.replace(name.with_name(name.name + ".tmp.png"), name)
-        _atomic_savez(_chunk_file(out, c, proc), images=local, labels=labels[g], positions=g, **{extra_key: extra})
+            paths.write_bytes(out / "images" / f"c{labels[p]:04d}_i{index[p]:04d}.png", _png_bytes(im))
+        # the chunk file last: it marks the chunk (and its images) as finished
+        paths.write_npz(_chunk_file(out, c, proc), images=local, labels=labels[g], positions=g, **{extra_key: extra})
         generated += 1
         prog.update(min((c + 1) * B, N))
     if jax.process_count() > 1:

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
-from varjax.core import model_dir
+from varjax.core import model_dir, paths
 from varjax.core.errors import ints
 from varjax.core.mesh import param_count
 from varjax.interop import convert
@@ -33,11 +34,37 @@ def convert_args(p: argparse.ArgumentParser) -> None:
 
 def convert_checkpoints(a) -> None:
     t0 = time.time()
+    with contextlib.ExitStack() as stack:  # a URL is copied to a local file once, read, and the copy removed
+        var_local = stack.enter_context(paths.local_copy(a.var)) if a.var else None
+        vae_local = stack.enter_context(paths.local_copy(a.vae)) if a.vae else None
+        # An official trainer checkpoint (ar-ckpt-*.pth) holds the transformer and usually the tokenizer.
+        trainer = convert.read_trainer_checkpoint(var_local, read_vae=not a.vae, name=str(a.var)) if a.var else None
+        sd_var = None
+        if a.var:
+            sd_var = trainer.var_sd if trainer is not None else load_state_dict(var_local, name=str(a.var))
+            _check_kind(sd_var, "--var", a.var, "VAR transformer")
+        sd_vae = None
+        if a.vae:
+            sd_vae = load_state_dict(vae_local, name=str(a.vae))
+            _check_kind(sd_vae, "--vae", a.vae, "tokenizer")
+    _convert(a, trainer, sd_var, sd_vae, t0)
+
+
+def _check_kind(sd: dict, flag: str, path, want: str) -> None:
+    """Refuses a release file of the other kind (a tokenizer given as --var, a transformer as --vae)."""
+    have = convert.state_dict_kind(sd)
+    if have is not None and have != want:
+        other = "--vae" if flag == "--var" else "--var"
+        raise ValueError(
+            f"{flag} {path}: the file holds a {have} (keys such as {convert.KIND_MARKERS[have][0]!r}), not a "
+            f"{want}. Pass it as {other} {path}, and the {want} file as {flag}."
+        )
+
+
+def _convert(a, trainer, sd_var, sd_vae, t0: float) -> None:
     var_cfg = var_params = None
     patch_nums = a.patch_nums
     source = {"vae": str(a.vae) if a.vae else None, "var": str(a.var) if a.var else None}
-    # An official trainer checkpoint (ar-ckpt-*.pth) holds the transformer and usually the tokenizer.
-    trainer = convert.read_trainer_checkpoint(a.var, read_vae=not a.vae) if a.var else None
     if trainer is not None:
         for line in trainer.describe():
             print(f"[convert] {line}")
@@ -48,11 +75,10 @@ def convert_checkpoints(a) -> None:
             print(f"[convert] patch_nums {','.join(map(str, patch_nums))} from the checkpoint")
         elif patch_nums is not None and trainer.patch_nums not in (None, patch_nums):
             print(f"[convert] --patch-nums {patch_nums} given: used instead of the checkpoint's {trainer.patch_nums}")
-    sd_vae, vae_name = _convert_vae_source(a, trainer)  # before the VAR's conversion: a missing --vae fails fast
+    sd_vae, vae_name = _convert_vae_source(a, trainer, sd_vae)  # before the VAR's conversion: fails fast
     if trainer is not None and not a.vae:
         source.update(vae=str(a.var), vae_key=convert.TRAINER_VAE_KEY)
     if a.var:
-        sd_var = trainer.var_sd if trainer is not None else load_state_dict(a.var)
         sd_var = _unwrapped(sd_var, a.var)
         var_cfg, var_params = convert.convert_var(sd_var, patch_nums, a.num_heads, source=str(a.var))
         patch_nums = var_cfg.patch_nums
@@ -85,12 +111,12 @@ def _unwrapped(sd: dict, name) -> dict:
     return sd
 
 
-def _convert_vae_source(a, trainer) -> tuple[dict, str]:
+def _convert_vae_source(a, trainer, sd_vae: dict | None) -> tuple[dict, str]:
     """(tokenizer state dict, its name): ``--vae`` if given, else the one stored in the trainer checkpoint."""
     if a.vae:
         if trainer is not None and trainer.has_vae:
             print(f"[convert] --vae {a.vae} given: it is used instead of the tokenizer stored in {a.var}")
-        return _unwrapped(load_state_dict(a.vae), a.vae), str(a.vae)
+        return _unwrapped(sd_vae, a.vae), str(a.vae)
     if trainer is not None and trainer.vae_sd is not None:
         return _unwrapped(trainer.vae_sd, a.var), f"{a.var} ({convert.TRAINER_VAE_KEY})"
     if trainer is not None:

@@ -370,6 +370,20 @@ PN_ALIASES = {
 }
 
 
+# Keys that only one kind of release file holds: how a tokenizer given as --var (or a VAR as --vae) is recognised.
+KIND_MARKERS = {
+    "tokenizer": ("quantize.embedding.weight", "encoder.conv_in.weight", "decoder.conv_out.weight"),
+    "VAR transformer": ("class_emb.weight", "word_embed.weight", "head.weight"),
+}
+
+
+def state_dict_kind(sd: Mapping[str, np.ndarray]) -> str | None:
+    """'tokenizer' or 'VAR transformer' when a state dict's keys say which release file it is; None otherwise."""
+    keys = {k.removeprefix("module.").removeprefix("_orig_mod.") for k in sd}
+    kinds = [kind for kind, marks in KIND_MARKERS.items() if any(m in keys for m in marks)]
+    return kinds[0] if len(kinds) == 1 else None
+
+
 def strip_wrapper_prefixes(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
     """Drops the key prefixes DDP and torch.compile add ('module.', '_orig_mod.', nested in any order) when
     every key carries them. Returns (state dict, the prefix removed, '' for none)."""
@@ -451,17 +465,18 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_trainer_checkpoint(path, read_vae: bool = True) -> TrainerCheckpoint | None:
+def read_trainer_checkpoint(path, read_vae: bool = True, name: str | None = None) -> TrainerCheckpoint | None:
     """The official trainer checkpoint at ``path``, or None if the file is not one (no ``trainer.var_wo_ddp``).
 
     Reads through the restricted unpickler of ``torch_io``: nothing in the file is executed, and a global
-    outside the allow-list raises ``UnsafeCheckpointError``. Only the selected tensors are read.
+    outside the allow-list raises ``UnsafeCheckpointError``. Only the selected tensors are read. ``name``: what
+    messages call the file when ``path`` is a local copy of it.
     """
     from varjax.interop import torch_io
 
     if torch_io.checkpoint_format(path) == "safetensors":
         return None
-    with torch_io.TorchCheckpoint(path) as ckpt:
+    with torch_io.TorchCheckpoint(path, name=name) as ckpt:
         if not ckpt.has(TRAINER_VAR_KEY):
             return None
         has_vae = ckpt.has(TRAINER_VAE_KEY)
@@ -471,7 +486,7 @@ def read_trainer_checkpoint(path, read_vae: bool = True) -> TrainerCheckpoint | 
             note, args = f"args: stored as a {type(args).__name__}, not a dict; not read", {}
         config = ckpt.value("trainer.config") if ckpt.has("trainer.config") else {}
         return TrainerCheckpoint(
-            path=str(path),
+            path=str(name or path),
             var_sd=ckpt.state_dict(TRAINER_VAR_KEY),
             vae_sd=ckpt.state_dict(TRAINER_VAE_KEY) if has_vae and read_vae else None,
             has_vae=has_vae,

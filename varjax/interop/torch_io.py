@@ -37,6 +37,7 @@ registers bfloat16 with numpy so BF16 tensors load as `ml_dtypes.bfloat16`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -50,6 +51,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import safetensors
+
+from varjax.core import paths
 
 PathLike = str | os.PathLike
 
@@ -389,13 +392,13 @@ class _TorchArchive(_TorchSource):
 
     legacy = False
 
-    def __init__(self, path: PathLike):
-        self.path = os.fspath(path)
+    def __init__(self, path: PathLike, name: str | None = None):
+        self.path = name or os.fspath(path)  # what messages call the file (its URL when read from a local copy)
         try:
-            self._zip = zipfile.ZipFile(self.path)
+            self._zip = zipfile.ZipFile(os.fspath(path))
         except zipfile.BadZipFile as e:
             raise ValueError(f"{self.path}: not a readable zip archive ({e}); expected a torch.save file") from e
-        self._file = open(self.path, "rb")  # a second handle: storages are read by seeking in the raw file
+        self._file = open(os.fspath(path), "rb")  # a second handle: storages are read by seeking in the raw file
         try:
             self.prefix = self._find_prefix()
             self.big_endian = self._read_byteorder() == "big"
@@ -473,9 +476,9 @@ class _LegacyTorchFile(_TorchSource):
     legacy = True
     big_endian = False  # torch writes the storages of this format little-endian on every machine
 
-    def __init__(self, path: PathLike):
-        self.path = os.fspath(path)
-        self._file = open(self.path, "rb")
+    def __init__(self, path: PathLike, name: str | None = None):
+        self.path = name or os.fspath(path)
+        self._file = open(os.fspath(path), "rb")
         self._storages: dict[str, tuple[np.dtype | None, int]] = {}  # key -> (dtype, numel) from the pickle
         self._records: dict[str, int] = {}  # key -> file offset of its bytes, once located
         try:
@@ -622,12 +625,8 @@ class _SafetensorsEntry:
     name: str
 
 
-def _sniff_format(path: str) -> str:
-    """'torch_zip', 'torch_legacy' or 'safetensors', judged by the first bytes; other content raises ValueError."""
-    with open(path, "rb") as f:
-        head = f.read(32)
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
+def _sniff(head: bytes, size: int, name: str) -> str:
+    """'torch_zip', 'torch_legacy' or 'safetensors', judged by a file's first 32 bytes and its size."""
     if head[:4] in _ZIP_MAGICS:
         return "torch_zip"
     # PROTO, maybe a 9-byte FRAME, then the magic number; or a protocol-0/1 pickle spelling it as text.
@@ -638,34 +637,44 @@ def _sniff_format(path: str) -> str:
         if head[8:9] == b"{" and 8 + header_len <= size:
             return "safetensors"
     raise ValueError(
-        f"{path}: unrecognized checkpoint format (first bytes {head[:8]!r}); expected a torch.save file "
+        f"{name}: unrecognized checkpoint format (first bytes {head[:8]!r}); expected a torch.save file "
         "(.pth/.pt/.bin: a zip archive starting with 'PK', or the legacy pre-1.6 format starting with a "
         "pickled magic number) or a .safetensors file (8-byte header length + JSON)."
     )
 
 
-def _open_torch(path: str, fmt: str) -> _TorchSource:
-    return _LegacyTorchFile(path) if fmt == "torch_legacy" else _TorchArchive(path)
+def _sniff_format(path: PathLike, name: str | None = None) -> str:
+    """:func:`_sniff` of the file at ``path`` (a local path or a URL); ``name`` is what messages call it."""
+    with paths.resolve(path).open("rb") as f:
+        head = f.read(32)
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+    return _sniff(head, size, name or os.fspath(path))
+
+
+def _open_torch(path: str, fmt: str, name: str | None = None) -> _TorchSource:
+    return _LegacyTorchFile(path, name) if fmt == "torch_legacy" else _TorchArchive(path, name)
 
 
 def _safetensors_error(path: str, e: Exception) -> ValueError:
     return ValueError(f"{path}: not a readable safetensors file: {type(e).__name__}: {e}")
 
 
-def _load_safetensors(path: str, key: str | None) -> dict[str, np.ndarray]:
+def _load_safetensors(path: str, key: str | None, name: str | None = None) -> dict[str, np.ndarray]:
     """`load_state_dict` for safetensors: select names first, then read only those tensors."""
+    shown = name or path
     # The library raises its own exception type for malformed files; those are reported as ValueError.
     try:
         handle = safetensors.safe_open(path, framework="np")
     except Exception as e:
-        raise _safetensors_error(path, e) from e
+        raise _safetensors_error(shown, e) from e
     with handle as f:
-        chosen = _select_state_dict({name: _SafetensorsEntry(name) for name in f.keys()}, key, path)
+        chosen = _select_state_dict({n: _SafetensorsEntry(n) for n in f.keys()}, key, shown)
         try:
             # Copy: arrays from safe_open may be views of a memory map that closes with the file.
-            return {name: np.array(f.get_tensor(entry.name)) for name, entry in chosen.items()}
+            return {n: np.array(f.get_tensor(entry.name)) for n, entry in chosen.items()}
         except Exception as e:
-            raise _safetensors_error(path, e) from e
+            raise _safetensors_error(shown, e) from e
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -830,20 +839,31 @@ class TorchCheckpoint:
       ValueError: the file is a safetensors file, not a torch checkpoint, or malformed.
     """
 
-    def __init__(self, path: PathLike):
-        self.path = os.fspath(path)
-        fmt = _sniff_format(self.path)
-        if fmt == "safetensors":
-            raise ValueError(f"{self.path}: is a safetensors file, not a torch pickle; use load_state_dict.")
-        self._source = _open_torch(self.path, fmt)
+    def __init__(self, path: PathLike, *, name: str | None = None):
+        """``path``: a local file or a URL (read from a temporary local copy, removed on close); ``name``: what
+        messages call the file when ``path`` is already a local copy of it."""
+        self.path = name or os.fspath(path)
+        self._local = contextlib.ExitStack()
+        try:
+            local = os.fspath(path) if name else self._local.enter_context(paths.local_copy(path))
+            fmt = _sniff_format(local, self.path)
+            if fmt == "safetensors":
+                raise ValueError(f"{self.path}: is a safetensors file, not a torch pickle; use load_state_dict.")
+            self._source = _open_torch(local, fmt, self.path)
+        except BaseException:
+            self._local.close()
+            raise
         try:
             self._tree = self._source.unpickle()  # tensors stay `_TensorRecord`s until selected
         except BaseException:
-            self._source.close()
+            self.close()
             raise
 
     def close(self) -> None:
-        self._source.close()
+        try:
+            self._source.close()
+        finally:
+            self._local.close()
 
     def __enter__(self) -> TorchCheckpoint:
         return self
@@ -887,14 +907,15 @@ def load_torch_pickle(path: PathLike) -> Any:
         return ckpt.value()
 
 
-def load_state_dict(path: PathLike, key: str | None = None) -> dict[str, np.ndarray]:
+def load_state_dict(path: PathLike, key: str | None = None, *, name: str | None = None) -> dict[str, np.ndarray]:
     """Loads a flat {name: array} state dict from a torch checkpoint or a safetensors file.
 
     The format is judged by content (zip magic, legacy torch magic number or safetensors header), not by
     extension. Only the tensors of the selected state dict are read.
 
     Args:
-      path: `.pth`/`.pt`/`.bin` (torch zip format, or the legacy format before torch 1.6) or `.safetensors`.
+      path: `.pth`/`.pt`/`.bin` (torch zip format, or the legacy format before torch 1.6) or `.safetensors`; a
+        local path or a URL (read from a temporary local copy).
       key: dotted path of the state dict inside the file, e.g. 'model' or 'trainer.var_wo_ddp'. Inside a
         flat state dict the remaining path is a key prefix that is stripped ('vae' turns 'vae.x' into 'x').
         Without it: the top-level dict if it holds only tensors, else its single nested dict of tensors
@@ -905,16 +926,18 @@ def load_state_dict(path: PathLike, key: str | None = None) -> dict[str, np.ndar
       UnsafeCheckpointError: the pickle names a global outside the state-dict allow-list.
       ValueError: unknown format, malformed file, no such key, ambiguous choice, or non-tensor entries.
     """
-    path = os.fspath(path)
-    if _sniff_format(path) == "safetensors":
-        return _load_safetensors(path, key)
-    with TorchCheckpoint(path) as ckpt:
-        return ckpt.state_dict(key)
+    shown = name or os.fspath(path)
+    with paths.local_copy(path) as local:  # a URL is copied once, read, and the copy removed
+        if _sniff_format(local, shown) == "safetensors":
+            return _load_safetensors(local, key, shown)
+        with TorchCheckpoint(local, name=shown) as ckpt:
+            return ckpt.state_dict(key)
 
 
 def checkpoint_format(path: PathLike) -> str:
-    """'torch_zip', 'torch_legacy' or 'safetensors', judged by content; ValueError for anything else."""
-    return _sniff_format(os.fspath(path))
+    """'torch_zip', 'torch_legacy' or 'safetensors', judged by content (local or a URL); ValueError for anything
+    else."""
+    return _sniff_format(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1076,15 +1099,12 @@ def _write_torch_zip(path: PathLike, data_pkl: bytes, storages: Sequence[np.ndar
     ]
     records += [(f"data/{i}", memoryview(s.reshape(-1).view(np.uint8))) for i, s in enumerate(storages)]
     records.append(("version", b"3\n"))
-    partial = f"{os.fspath(path)}.partial"  # renamed at the end: a failed write leaves no truncated file
-    try:
-        with open(partial, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
-            for name, data in records:
-                zf.writestr(_aligned_info(f"archive/{name}", f.tell(), len(data)), data)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    # Written to a local file that appears whole at `path` (renamed, or uploaded to a URL): a failed write leaves
+    # no truncated file.
+    with paths.local_output(path) as partial, open(partial, "wb") as f, \
+            zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in records:
+            zf.writestr(_aligned_info(f"archive/{name}", f.tell(), len(data)), data)
 
 
 def _to_storage(what: str, value: Any) -> np.ndarray:
@@ -1111,6 +1131,7 @@ def save_state_dict_pth(path: PathLike, state_dict: Mapping[str, Any]) -> None:
     Args:
       path: output file.
       state_dict: str -> array-like of bool, (u)int8/16/32/64, float16/32/64, bfloat16, float8 or complex.
+      (``path`` may be a URL: the archive is written locally and uploaded whole.)
     """
     tensors = OrderedDict()
     for name, value in state_dict.items():

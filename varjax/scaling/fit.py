@@ -35,7 +35,9 @@ class PowerLawFit:
     """Least-squares fit of y = (beta * x)**alpha in log-log space.
 
     alpha: the exponent (negative when y falls with x).
-    beta: the scale, in inverse units of x.
+    log_beta: the natural log of the scale; what the law is rebuilt from (y = exp(alpha * (log_beta + log x))).
+    beta: exp(log_beta), in inverse units of x; it underflows to 0 (or overflows) for a nearly flat law, which
+      log_beta does not.
     pearson_r: Pearson correlation of (log x, log y); near -1 for a clean decreasing power law.
     residuals: log y - fitted log y per point (natural log; 0.01 means the point is ~1% above the line).
     r2: coefficient of determination of the log-space fit.
@@ -43,21 +45,27 @@ class PowerLawFit:
     """
 
     alpha: float
-    beta: float
+    log_beta: float
     pearson_r: float
     residuals: tuple[float, ...]
     r2: float
     n: int
 
+    @property
+    def beta(self) -> float:
+        with np.errstate(over="ignore", under="ignore"):
+            return float(np.exp(self.log_beta))
+
     def predict(self, x: Any) -> np.ndarray:
         """Fitted y at x (array-like, same units as the fitted x)."""
-        return (self.beta * np.asarray(x, dtype=np.float64)) ** self.alpha
+        return np.exp(self.alpha * (self.log_beta + np.log(np.asarray(x, dtype=np.float64))))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the fit (plain floats and lists)."""
         return {
             "alpha": float(self.alpha),
-            "beta": float(self.beta),
+            "beta": self.beta,
+            "log_beta": float(self.log_beta),
             "pearson_r": float(self.pearson_r),
             "r2": float(self.r2),
             "n": int(self.n),
@@ -116,7 +124,7 @@ def fit_power_law(x: Any, y: Any) -> PowerLawFit:
     pearson = float(dx @ dy) / math.sqrt(sxx * syy) if syy > 0 else float("nan")
     return PowerLawFit(
         alpha=alpha,
-        beta=math.exp(intercept / alpha),
+        log_beta=intercept / alpha,
         pearson_r=pearson,
         residuals=tuple(float(r) for r in residuals),
         r2=r2,
@@ -203,7 +211,8 @@ def fit_report(
         try:
             entry.update(fit_power_law(x[used], y[used]).to_dict())
         except ValueError as err:
-            entry.update({"alpha": None, "beta": None, "pearson_r": None, "r2": None, "n": len(used)})
+            entry.update({"alpha": None, "beta": None, "log_beta": None, "pearson_r": None, "r2": None,
+                          "n": len(used)})
             entry.update({"residuals": [None] * len(used), "error": str(err)})
         fits[y_key] = entry
     return {"x": x_key, "frontier": bool(frontier), "fits": fits}
@@ -224,7 +233,7 @@ def report_list(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return list(report.values())
 
 
-FITS_CSV_COLUMNS = ("x", "y", "alpha", "beta", "pearson_r", "r2", "n", "frontier")
+FITS_CSV_COLUMNS = ("x", "y", "alpha", "beta", "pearson_r", "r2", "n", "frontier", "log_beta")
 
 
 def _csv_value(value: Any) -> Any:

@@ -37,7 +37,7 @@ import ml_collections
 from etils.epath import Path
 
 from varjax import config, train
-from varjax.core import paths
+from varjax.core import checkpoint, paths
 
 SWEEP_JSON = "sweep.json"
 DONE_JSON = "done.json"
@@ -146,37 +146,29 @@ def launch(
                              f"{[m['name'] for m in members]}.")
         members = [m for m in members if m["name"] in only]
     rootp = paths.resolve(root)
-    rootp.mkdir(parents=True, exist_ok=True)
     names = [m["name"] for m in members]
+    if print_commands:
+        rootp.mkdir(parents=True, exist_ok=True)
+        _write_json(rootp / SWEEP_JSON, {"config": config_spec, "overrides": list(overrides), "members": names})
+        return [_print_member(config_spec, path, arg, m["name"], rootp / m["name"], overrides) for m in members]
+    # Every member's config and accounting first: a sweep that cannot start (a bad field, a missing tokenizer)
+    # fails before anything is written.
+    todo = {}
+    for m in members:
+        if not (rootp / m["name"] / DONE_JSON).is_file():
+            cfg = build_member_config(config_spec, m["name"], list(overrides))
+            todo[m["name"]] = (cfg, accounting(cfg))
+    rootp.mkdir(parents=True, exist_ok=True)
     _write_json(rootp / SWEEP_JSON, {"config": config_spec, "overrides": list(overrides), "members": names})
     results = []
-    for m in members:
-        name = m["name"]
+    for name in names:
         workdir = rootp / name
         done = workdir / DONE_JSON
-        if print_commands:
-            cmd = ["varjax", "train", f"--config={path}:{_member_arg(arg, name)}", f"--workdir={workdir}", *overrides]
-            print(" ".join(shlex.quote(c) for c in cmd), flush=True)
-            try:  # best effort: `fit` needs it, but the tokenizer or data may only be reachable from the cluster
-                acc = accounting(build_member_config(config_spec, name, list(overrides)))
-                workdir.mkdir(parents=True, exist_ok=True)
-                _write_json(workdir / ACCOUNTING_JSON, acc)
-            except (ValueError, OSError) as e:
-                print(
-                    f"# [sweep] {name}: accounting.json not written here ({e}); `varjax sweep launch` without "
-                    "--print-commands writes it (and skips finished members)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            results.append({"name": name, "workdir": str(workdir), "status": "printed"})
-            continue
-        if done.is_file():
+        if name not in todo:
             print(f"[sweep] {name}: done ({done}), skipping", flush=True)
             results.append({"name": name, "workdir": str(workdir), "status": "skipped"})
             continue
-        cfg = build_member_config(config_spec, name, list(overrides))
-        workdir.mkdir(parents=True, exist_ok=True)
-        acc = accounting(cfg)
+        cfg, acc = todo[name]
         _write_json(workdir / ACCOUNTING_JSON, acc)
         print(
             f"[sweep] {name}: N={acc['N']:,} params, C={acc['C_pflops']:.4g} PFLOPs, "
@@ -188,21 +180,35 @@ def launch(
         if final is None:  # stopped early (preemption): not done; a re-run resumes it
             print(f"[sweep] {name}: training did not reach step {acc['total_steps']}; re-run to resume", flush=True)
             results.append({"name": name, "workdir": str(workdir), "status": "incomplete"})
+            if checkpoint.preempted():
+                break  # the job is being stopped: the other members wait for the re-run
             continue
-        _write_json(
-            done,
-            {
-                "name": name,
-                "N": acc["N"],
-                "C_flops": acc["C_flops"],
-                "C_pflops": acc["C_pflops"],
-                "tokens": acc["tokens"],
-                "final": final,
-                "last_logged": last,
-            },
-        )
+        _write_json(done, {"name": name, "N": acc["N"], "C_flops": acc["C_flops"], "C_pflops": acc["C_pflops"],
+                           "tokens": acc["tokens"], "final": final, "last_logged": last})
         results.append({"name": name, "workdir": str(workdir), "status": "trained"})
+    counts = {s: sum(r["status"] == s for r in results) for s in ("trained", "skipped", "incomplete")}
+    print(f"[sweep] {len(results)} members under {rootp}: {counts['trained']} trained now, {counts['skipped']} done "
+          f"before, {counts['incomplete']} incomplete. Next: "
+          + ("re-run the same command to finish them" if counts["incomplete"] else f"varjax sweep fit --root {root}"),
+          flush=True)
     return results
+
+
+def _print_member(config_spec: str, path: str, arg: str, name: str, workdir, overrides) -> dict:
+    """Prints a member's `varjax train` command and writes its accounting where it can."""
+    cmd = ["varjax", "train", f"--config={path}:{_member_arg(arg, name)}", f"--workdir={workdir}", *overrides]
+    print(" ".join(shlex.quote(c) for c in cmd), flush=True)
+    try:  # best effort: `fit` needs it, but the tokenizer or data may only be reachable from the cluster
+        acc = accounting(build_member_config(config_spec, name, list(overrides)))
+        _write_json(workdir / ACCOUNTING_JSON, acc)
+    except (ValueError, OSError) as e:
+        print(
+            f"# [sweep] {name}: accounting.json not written here ({e}); `varjax sweep launch` without "
+            "--print-commands writes it (and skips finished members)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {"name": name, "workdir": str(workdir), "status": "printed"}
 
 
 def _train(cfg, workdir: str) -> dict:

@@ -6,6 +6,7 @@ A task module (``varjax.tasks.tokenizer``, ``var``, ``ecar``) offers, at module 
 * ``tokenizer_of(cfg) -> (dir, config) | (None, None)``: the frozen tokenizer it trains on;
 * ``derive(cfg, tokenizer) -> Derived`` and ``model_config(cfg, num_classes, tokenizer)``: what
   :func:`varjax.config.resolve` derives for it;
+* ``defaults(cfg)``: the recipe defaults (``configs/common.py``) a run's printed config is compared with;
 * ``build(plan, mesh) -> Task``: the state's init, the step, evaluation and the model-directory entry.
 
 The loop (``varjax.train``) does everything else identically for every task: data, mesh, checkpoints and
@@ -47,6 +48,8 @@ class Task:
     conv_bound: bool = False  # the step's time is convolutions: compiled with varjax.core.xla_flags' CPU kernels
     tokens_per_example: int = 0  # for the tokens_per_s metric
     flops_per_example: float | None = None  # training FLOPs per example, when counted analytically
+    progress_keys: tuple[str, ...] = ()  # metrics the progress line shows after loss, lr and grad_norm
+    next_step: str = ""  # the command a user runs next on the finished workdir ({workdir} is filled in)
 
 
 def frozen_tokenizer(cfg, family: str, train_hint: str) -> tuple[str, Any]:

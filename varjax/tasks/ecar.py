@@ -35,6 +35,13 @@ TRAIN_HINT = "train one with `varjax train-tokenizer --config configs/ecar_token
 derive = base.generator_derive
 
 
+def defaults(cfg):
+    """E-CAR's defaults at this depth (``configs/common.py``)."""
+    from varjax.configs import common
+
+    return common.ecar(int(cfg.model.depth))
+
+
 def tokenizer_of(cfg):
     return frozen_tokenizer(cfg, "kl", TRAIN_HINT)
 
@@ -127,4 +134,5 @@ def build(plan, mesh) -> Task:
         manifest=model_dir.manifest("ecar", ae_cfg, {"model_dir": plan.tokenizer_dir}, model_cfg,
                                     model_dir.checkpoint_source(ema), gen_extra={"sample": dict(cfg.sample)}),
         tokens_per_example=model_cfg.L,
+        next_step="varjax sample --ckpt {workdir} --labels 0,1,2,3 --out samples.png",
     )

@@ -109,6 +109,13 @@ def reinit_dead_codes(embedding_VC, usage_SV, feats_NC, threshold: float, rng):
 # ------------------------------------------------------------------------------------------- resolving
 
 
+def defaults(cfg):
+    """The tokenizer defaults of this model type (``configs/common.py``)."""
+    from varjax.configs import common
+
+    return common.tokenizer(str(cfg.model_type))
+
+
 def tokenizer_of(cfg):
     return None, None
 
@@ -119,15 +126,16 @@ def _norm(v):
 
 def model_config(cfg, num_classes: int = 0, tok=None):
     """The tokenizer's config from ``config.vae``; when fine-tuning (``config.init_from``), the loaded tokenizer's
-    with the overridable fields, any other difference being an error."""
+    with the overridable fields, any other difference being an error. A ``config.vae`` field left None is the
+    loaded tokenizer's (a fine-tune recipe leaves the architecture to the directory it starts from)."""
     del num_classes, tok
     plug = plug_of(cfg)
-    wanted = fill_model_fields(plug.config, dict(cfg.vae), {}, section="config.vae")
     if cfg.require_init_from and not cfg.init_from:
         raise ValueError(
             "config.init_from is empty: this config fine-tunes an existing tokenizer; pass "
             "--config.init_from=DIR (a `varjax convert` output or a `varjax train-tokenizer` workdir)."
         )
+    wanted = fill_model_fields(plug.config, dict(cfg.vae), {}, section="config.vae")
     if not cfg.init_from:
         return wanted
     man = model_dir.read_manifest(cfg.init_from)
@@ -135,7 +143,8 @@ def model_config(cfg, num_classes: int = 0, tok=None):
         raise ValueError(f"config.init_from={cfg.init_from!r} holds no {plug.family!r} tokenizer.")
     loaded = plug.config.from_dict(man["vae"]["config"])
     want, have = wanted.to_dict(), loaded.to_dict()
-    bad = [k for k in have if k not in FINETUNE_OVERRIDABLE and k in cfg.vae and _norm(want[k]) != _norm(have[k])]
+    bad = [k for k in have if k not in FINETUNE_OVERRIDABLE and cfg.vae.get(k) is not None
+           and _norm(want[k]) != _norm(have[k])]
     if bad:
         diffs = ", ".join(f"config.vae.{k}={want[k]!r} (tokenizer: {have[k]!r})" for k in bad)
         raise ValueError(
@@ -143,7 +152,7 @@ def model_config(cfg, num_classes: int = 0, tok=None):
             "The architecture of the tokenizer being fine-tuned is fixed; set these config.vae fields to the "
             f"tokenizer's values (only {list(FINETUNE_OVERRIDABLE)} may differ)."
         )
-    return dataclasses.replace(loaded, **{k: want[k] for k in FINETUNE_OVERRIDABLE if k in want})
+    return dataclasses.replace(loaded, **{k: want[k] for k in FINETUNE_OVERRIDABLE if cfg.vae.get(k) is not None})
 
 
 def derive(cfg, tok=None) -> Derived:
@@ -362,4 +371,6 @@ def build(plan, mesh) -> Task:
         manifest=model_dir.manifest(plug.family, model_cfg, model_dir.checkpoint_source(ema)),
         conv_bound=True,
         tokens_per_example=latent_side * latent_side,
+        progress_keys=("psnr",) + (("g_loss", "d_loss") if use_disc else ()),
+        next_step="varjax reconstruct --ckpt {workdir} --images DIR --out recon",
     )

@@ -34,6 +34,13 @@ TRAIN_HINT = "convert the released one with `varjax convert --vae vae_ch160v4096
 derive = base.generator_derive
 
 
+def defaults(cfg):
+    """The reference recipe at this depth (``configs/common.py``)."""
+    from varjax.configs import common
+
+    return common.var(int(cfg.model.depth))
+
+
 def tokenizer_of(cfg):
     return frozen_tokenizer(cfg, "vq", TRAIN_HINT)
 
@@ -253,4 +260,6 @@ def build(plan, mesh, abstract: bool = False) -> Task:
                                     model_dir.checkpoint_source(ema)),
         tokens_per_example=L,
         flops_per_example=float(flops.train_flops_per_sequence(model_cfg, "masked")),
+        progress_keys=("train_acc_mean", "train_acc_tail") + (("prog_si",) if cfg.pg > 0 else ()),
+        next_step="varjax sample --ckpt {workdir} --labels 0,1,2,3 --out samples.png",
     )
